@@ -1,0 +1,1 @@
+"""Client side: the only package that reads a hospital's patient files."""

@@ -1,0 +1,138 @@
+"""Flower ClientApp: a thin shell over the client tasks; only this side reads patient files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections import OrderedDict
+
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.constant import ErrorCode
+from flwr.clientapp import ClientApp
+
+from client.data import CohortValidationError, load_cohort
+from client.node import NodeSettings, get_value, load_ledger, node_settings, save_ledger, set_value
+from client.tasks import TrainRequest, handshake_statistics, plan_noise_multiplier, train_round
+from configs.settings import RunSettings, settings_from_run_config
+from models.encoder import EncoderError
+from privacy.ledger import BudgetExceededError
+from strategies.fedavg import NODE_INFO_KEY
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+
+# Refusals a hospital makes on purpose: answered as an error reply with a clear reason.
+_REFUSALS = (CohortValidationError, BudgetExceededError, EncoderError)
+
+
+def _setup(context: Context) -> tuple[RunSettings, NodeSettings]:
+    settings = settings_from_run_config(dict(context.run_config))
+    node = node_settings(context, settings)
+    torch.set_num_threads(settings.runtime.threads_per_client)
+    return settings, node
+
+
+def _noise_seed(settings: RunSettings, node: NodeSettings, salt: int) -> int | None:
+    """Seeded noise in simulation only (see NodeSettings.reproducible_noise)."""
+    if not node.reproducible_noise:
+        return None
+    return settings.federation.seed * 100_003 + zlib.crc32(node.hospital.encode()) % 997 * 101 + salt
+
+
+def _refuse(message: Message, node: NodeSettings, err: Exception) -> Message:
+    reason = f"{node.hospital}: {err}"
+    logger.warning("refusing %s: %s", message.metadata.message_type, reason)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+
+def _node_info(node: NodeSettings, **extra: str) -> ConfigRecord:
+    return ConfigRecord({"hospital": node.hospital, **extra})
+
+
+@app.query("handshake")
+def handshake(message: Message, context: Context) -> Message:
+    """Validate the local cohort, then answer counts + DP histograms (charged to the ledger)."""
+    settings, node = _setup(context)
+    schema = settings.load_schema()
+    announced = str(message.content.config_records["config"]["schema-hash"])
+    try:
+        if announced != schema.schema_hash():
+            raise EncoderError("the server's cohort schema differs from this node's (schema hash)")
+        cohort = load_cohort(node.data_dir, schema)
+        ledger = load_ledger(context, node)
+        epsilon = settings.privacy.statistics_epsilon_share * node.max_epsilon
+        histograms = handshake_statistics(
+            cohort, schema, ledger=ledger, epsilon=epsilon, seed=_noise_seed(settings, node, 0)
+        )
+    except _REFUSALS as err:
+        return _refuse(message, node, err)
+    save_ledger(context, node, ledger)
+    content = RecordDict(
+        {
+            "histograms": ArrayRecord({k: Array(v) for k, v in histograms.items()}),
+            "metrics": MetricRecord(
+                {"num-examples": cohort.n_patients, "epsilon": ledger.spent(), "delta": node.delta,
+                 "max-epsilon": node.max_epsilon}
+            ),
+            NODE_INFO_KEY: _node_info(node, **{"schema-hash": schema.schema_hash()}),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+def _train_request(config: ConfigRecord) -> TrainRequest:
+    return TrainRequest(
+        model_name=str(config["model"]),
+        model_params=json.loads(str(config["model-params"])),
+        encoder_json=str(config["encoder"]),
+        encoder_hash=str(config["encoder-hash"]),
+        server_round=int(config["server-round"]),
+        total_rounds=int(config["total-rounds"]),
+        local_epochs=int(config["local-epochs"]),
+        batch_size=int(config["batch-size"]),
+        seed=int(config["seed"]),
+    )
+
+
+@app.train("generator")
+def train_generator(message: Message, context: Context) -> Message:
+    """One round of local DP-SGD on the tabular generator; refuses past the node's budget."""
+    settings, node = _setup(context)
+    request = _train_request(message.content.config_records["config"])
+    state = OrderedDict(message.content.array_records["arrays"].to_torch_state_dict())
+    try:
+        cohort = load_cohort(node.data_dir, settings.load_schema())
+        ledger = load_ledger(context, node)
+        sigma_key = f"sigma.{request.model_name}"
+        sigma = get_value(context, sigma_key)
+        if sigma is None:  # first round of this model: spread the remaining budget over all rounds
+            sigma = plan_noise_multiplier(ledger, n_records=cohort.n_patients, request=request)
+            set_value(context, sigma_key, sigma)
+        new_state, report = train_round(
+            cohort, settings, request, state=state, ledger=ledger, noise_multiplier=float(sigma),
+            device=node.device, seed=_noise_seed(settings, node, request.server_round),
+        )
+    except _REFUSALS as err:
+        return _refuse(message, node, err)
+    save_ledger(context, node, ledger)
+    metrics = {"num-examples": cohort.n_patients, "epsilon": ledger.spent(), **report.as_metrics()}
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(OrderedDict(new_state)),
+            "metrics": MetricRecord(metrics),
+            NODE_INFO_KEY: _node_info(node),
+        }
+    )
+    return Message(content, reply_to=message)

@@ -1,0 +1,226 @@
+"""Load a hospital's cohort folder and validate every cell against the schema."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from configs.schema import CohortSchema, ColumnSpec
+
+# Enough problems for a data team to see the pattern, without flooding the terminal.
+MAX_REPORTED_ISSUES = 20
+
+
+@dataclass(frozen=True)
+class ValidationIssue:
+    file: str
+    row: int | None  # 1-based line in the file (the header is line 1); None: the whole file
+    column: str | None
+    problem: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.row is not None:
+            where += f", line {self.row}"
+        if self.column is not None:
+            where += f", column '{self.column}'"
+        return f"{where}: {self.problem}"
+
+
+class CohortValidationError(ValueError):
+    """The cohort folder does not satisfy the schema; the node refuses to train on it."""
+
+    def __init__(self, folder: Path, issues: list[ValidationIssue]):
+        self.folder = folder
+        self.issues = issues
+        shown = "\n".join(f"  - {issue}" for issue in issues[:MAX_REPORTED_ISSUES])
+        more = len(issues) - MAX_REPORTED_ISSUES
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        super().__init__(
+            f"cohort folder {folder} is invalid ({len(issues)} problem"
+            f"{'s' if len(issues) != 1 else ''}); refusing to train:\n{shown}{tail}"
+        )
+
+
+@dataclass(frozen=True)
+class Cohort:
+    static: pd.DataFrame
+    timeseries: pd.DataFrame | None
+
+    @property
+    def n_patients(self) -> int:
+        return len(self.static)
+
+
+def _read_table(path: Path, issues: list[ValidationIssue]) -> pd.DataFrame | None:
+    """Read CSV (as text, so we parse and report each cell ourselves) or parquet."""
+    name = path.name
+    if path.stat().st_size == 0:
+        issues.append(ValidationIssue(name, None, None, "file is empty"))
+        return None
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path).astype(str).replace({"nan": "", "None": ""})
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        issues.append(ValidationIssue(name, None, None, f"not UTF-8 text (byte {err.start})"))
+        return None
+    except (OSError, ValueError) as err:
+        issues.append(ValidationIssue(name, None, None, f"cannot be read: {err}"))
+        return None
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        issues.append(ValidationIssue(name, None, None, f"not a valid CSV table: {err}"))
+        return None
+    if frame.empty:
+        issues.append(ValidationIssue(name, None, None, "has a header but no data rows"))
+        return None
+    return frame
+
+
+def _check_columns(frame: pd.DataFrame, name: str, expected: list[str], issues: list) -> bool:
+    missing = [c for c in expected if c not in frame.columns]
+    for column in missing:
+        issues.append(ValidationIssue(name, 1, column, "required column is missing"))
+    extra = [c for c in frame.columns if c not in expected]
+    for column in extra:
+        issues.append(ValidationIssue(name, 1, column, "column is not declared in the schema"))
+    return not missing
+
+
+def _parse_numeric(
+    raw: pd.Series, *, name: str, column: str, low: float, high: float, integer: bool, issues: list
+) -> np.ndarray:
+    stripped = raw.str.strip()
+    values = pd.to_numeric(stripped, errors="coerce").to_numpy(dtype=np.float64)
+    lines = np.arange(len(raw)) + 2
+    for i in np.flatnonzero(stripped == ""):
+        issues.append(ValidationIssue(name, int(lines[i]), column, "value is missing"))
+    bad = np.isnan(values) & (stripped != "").to_numpy()
+    for i in np.flatnonzero(bad):
+        issues.append(ValidationIssue(name, int(lines[i]), column, f"'{raw.iloc[i]}' is not a number"))
+    finite = np.isfinite(values)
+    for i in np.flatnonzero(~finite & ~np.isnan(values)):
+        issues.append(ValidationIssue(name, int(lines[i]), column, f"'{raw.iloc[i]}' is not finite"))
+    if integer:
+        for i in np.flatnonzero(finite & (values != np.round(values))):
+            issues.append(ValidationIssue(name, int(lines[i]), column, f"{raw.iloc[i]} is not an integer"))
+    for i in np.flatnonzero(finite & ((values < low) | (values > high))):
+        issues.append(
+            ValidationIssue(name, int(lines[i]), column, f"{raw.iloc[i]} is outside [{low:g}, {high:g}]")
+        )
+    return values
+
+
+def _parse_static_column(raw: pd.Series, spec: ColumnSpec, file_name: str, issues: list) -> pd.Series:
+    if spec.is_categorical:
+        allowed = set(spec.categories or ())
+        values = raw.str.strip()
+        for i in np.flatnonzero(~values.isin(allowed).to_numpy()):
+            shown = values.iloc[i] or "(empty)"
+            issues.append(
+                ValidationIssue(
+                    file_name, i + 2, spec.name, f"'{shown}' is not one of {sorted(allowed)}"
+                )
+            )
+        return values
+    assert spec.min is not None and spec.max is not None
+    values = _parse_numeric(
+        raw, name=file_name, column=spec.name, low=spec.min, high=spec.max,
+        integer=spec.kind == "integer", issues=issues,
+    )
+    return pd.Series(values.astype(np.int64) if spec.kind == "integer" and np.isfinite(values).all() else values)
+
+
+def _find_static(folder: Path) -> Path | None:
+    for candidate in ("static.csv", "static.parquet"):
+        if (folder / candidate).is_file():
+            return folder / candidate
+    return None
+
+
+def _load_static(folder: Path, schema: CohortSchema, issues: list) -> pd.DataFrame | None:
+    path = _find_static(folder)
+    if path is None:
+        issues.append(ValidationIssue("static.csv", None, None, "file not found in the cohort folder"))
+        return None
+    frame = _read_table(path, issues)
+    if frame is None or not _check_columns(frame, path.name, [schema.id_column, *schema.column_names], issues):
+        return None
+    parsed = {schema.id_column: frame[schema.id_column].str.strip()}
+    for spec in schema.columns:
+        parsed[spec.name] = _parse_static_column(frame[spec.name], spec, path.name, issues)
+    ids = parsed[schema.id_column]
+    for i in np.flatnonzero((ids == "").to_numpy()):
+        issues.append(ValidationIssue(path.name, i + 2, schema.id_column, "identifier is missing"))
+    for i in np.flatnonzero(ids.duplicated().to_numpy() & (ids != "").to_numpy()):
+        issues.append(ValidationIssue(path.name, i + 2, schema.id_column, f"'{ids.iloc[i]}' repeats"))
+    return pd.DataFrame(parsed)
+
+
+def _load_timeseries(
+    folder: Path, schema: CohortSchema, patient_ids: pd.Series | None, issues: list
+) -> pd.DataFrame | None:
+    sequence = schema.sequence
+    if sequence is None:
+        return None
+    path = folder / "timeseries.csv"
+    if not path.is_file():
+        issues.append(ValidationIssue(path.name, None, None, "file not found in the cohort folder"))
+        return None
+    frame = _read_table(path, issues)
+    columns = [schema.id_column, sequence.day_column, *(c.name for c in sequence.channels)]
+    if frame is None or not _check_columns(frame, path.name, columns, issues):
+        return None
+    parsed = {schema.id_column: frame[schema.id_column].str.strip()}
+    parsed[sequence.day_column] = _parse_numeric(
+        frame[sequence.day_column], name=path.name, column=sequence.day_column,
+        low=1, high=sequence.length, integer=True, issues=issues,
+    )
+    for channel in sequence.channels:
+        parsed[channel.name] = _parse_numeric(
+            frame[channel.name], name=path.name, column=channel.name,
+            low=channel.min, high=channel.max, integer=False, issues=issues,
+        )
+    result = pd.DataFrame(parsed)
+    if patient_ids is not None:
+        known = set(patient_ids)
+        unknown = ~result[schema.id_column].isin(known).to_numpy()
+        for i in np.flatnonzero(unknown)[:MAX_REPORTED_ISSUES]:
+            issues.append(
+                ValidationIssue(path.name, i + 2, schema.id_column,
+                                f"'{result[schema.id_column].iloc[i]}' has no row in the static table")
+            )
+        days = result.groupby(schema.id_column)[sequence.day_column].nunique()
+        rows = result.groupby(schema.id_column).size()
+        for pid in sorted(known):
+            if days.get(pid, 0) != sequence.length or rows.get(pid, 0) != sequence.length:
+                issues.append(
+                    ValidationIssue(path.name, None, schema.id_column,
+                                    f"patient '{pid}' needs exactly {sequence.length} distinct days "
+                                    f"(missing policy '{sequence.missing}'), found {rows.get(pid, 0)} rows")
+                )
+    return result
+
+
+def load_cohort(folder: str | Path, schema: CohortSchema) -> Cohort:
+    """Read and validate a cohort folder; any problem raises CohortValidationError, listing all."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CohortValidationError(folder, [ValidationIssue(str(folder), None, None, "folder not found")])
+    issues: list[ValidationIssue] = []
+    static = _load_static(folder, schema, issues)
+    ids = static[schema.id_column] if static is not None else None
+    timeseries = _load_timeseries(folder, schema, ids, issues)
+    if issues:
+        raise CohortValidationError(folder, issues)
+    assert static is not None
+    if timeseries is not None:
+        timeseries = timeseries.sort_values([schema.id_column, schema.sequence.day_column])  # type: ignore[union-attr]
+        timeseries = timeseries.reset_index(drop=True)
+    return Cohort(static=static, timeseries=timeseries)

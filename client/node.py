@@ -1,0 +1,94 @@
+"""A hospital's own settings (node config) and its persisted state: the node is sovereign."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+from pydantic import BaseModel, ConfigDict, Field
+
+from configs.settings import RunSettings
+from privacy.ledger import PrivacyLedger
+
+STATE_KEY = "mindfed"
+
+
+class NodeSettings(BaseModel):
+    """What the hospital decides, whatever the server asks (validated once, here)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    hospital: str = Field(min_length=1)
+    data_dir: Path
+    max_epsilon: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+    device: str
+    state_dir: Path | None
+    # Simulation seeds the DP noise so demo runs repeat; a deployed node draws fresh entropy,
+    # because noise anyone can regenerate from a known seed protects nothing.
+    reproducible_noise: bool
+
+
+def node_settings(context: Context, run: RunSettings) -> NodeSettings:
+    """Deployment: `data-dir`, `max-epsilon`, ... from the node config. Simulation: partition id.
+
+    The run's privacy figures can only lower the node's: min(node, run) for epsilon and delta.
+    """
+    config: dict[str, Any] = dict(context.node_config)
+    if "data-dir" in config:
+        node_eps = float(config.get("max-epsilon", run.privacy.max_epsilon))
+        node_delta = float(config.get("delta", run.privacy.delta))
+        return NodeSettings(
+            hospital=str(config.get("hospital", f"node-{context.node_id}")),
+            data_dir=Path(str(config["data-dir"])),
+            max_epsilon=min(node_eps, run.privacy.max_epsilon),
+            delta=min(node_delta, run.privacy.delta),
+            device=str(config.get("device", run.runtime.device)),
+            state_dir=Path(str(config["state-dir"])) if config.get("state-dir") else None,
+            reproducible_noise=False,
+        )
+    partition = int(config["partition-id"])
+    cohort_dir = Path(str(context.run_config.get("cohort-dir", "")))
+    return NodeSettings(
+        hospital=f"hospital-{partition + 1}",
+        data_dir=cohort_dir / f"hospital-{partition + 1}",
+        max_epsilon=run.privacy.max_epsilon,
+        delta=run.privacy.delta,
+        device=run.runtime.device,
+        state_dir=None,
+        reproducible_noise=True,
+    )
+
+
+def _state(context: Context) -> ConfigRecord:
+    if STATE_KEY not in context.state.config_records:
+        context.state[STATE_KEY] = ConfigRecord()
+    return context.state.config_records[STATE_KEY]
+
+
+def load_ledger(context: Context, node: NodeSettings) -> PrivacyLedger:
+    """The node's state folder wins (it survives restarts), then the run Context's state."""
+    text: str | None = None
+    ledger_file = node.state_dir / "ledger.json" if node.state_dir else None
+    if ledger_file is not None and ledger_file.is_file():
+        text = ledger_file.read_text(encoding="utf-8")
+    elif "ledger" in _state(context):
+        text = str(_state(context)["ledger"])
+    if text is None:
+        return PrivacyLedger(max_epsilon=node.max_epsilon, delta=node.delta)
+    return PrivacyLedger.from_json(text, max_epsilon=node.max_epsilon, delta=node.delta)
+
+
+def save_ledger(context: Context, node: NodeSettings, ledger: PrivacyLedger) -> None:
+    _state(context)["ledger"] = ledger.to_json()
+    if node.state_dir is not None:
+        ledger.save(node.state_dir / "ledger.json")
+
+
+def get_value(context: Context, key: str) -> Any | None:
+    state = _state(context)
+    return state[key] if key in state else None
+
+
+def set_value(context: Context, key: str, value: Any) -> None:
+    _state(context)[key] = value

@@ -1,0 +1,1 @@
+"""Configuration: TOML defaults and the typed pydantic models that load them."""

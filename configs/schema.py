@@ -1,0 +1,159 @@
+"""Cohort schema: the typed declaration of every column a hospital's files carry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from configs.errors import ConfigError, format_validation_error
+
+DEFAULT_SCHEMA_PATH = Path(__file__).with_name("cohort.toml")
+# Number of equal-width bins a numeric column's public range is cut into for the DP
+# histograms; integers with a narrower range get one bin per value.
+DEFAULT_NUMERIC_BINS = 20
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ColumnSpec(_Frozen):
+    """One static column: categorical with its categories, or numeric with [min, max]."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["categorical", "continuous", "integer"]
+    categories: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    unit: str = ""
+    missing: Literal["refuse"] = "refuse"
+    bins: int | None = Field(default=None, ge=2, le=200)
+
+    @model_validator(mode="after")
+    def _check_kind_fields(self) -> ColumnSpec:
+        if self.kind == "categorical":
+            if not self.categories or len(self.categories) < 2:
+                raise ValueError(f"categorical column '{self.name}' needs at least 2 categories")
+            if len(set(self.categories)) != len(self.categories):
+                raise ValueError(f"categorical column '{self.name}' repeats a category")
+            if self.min is not None or self.max is not None:
+                raise ValueError(f"categorical column '{self.name}' takes no min/max")
+        else:
+            if self.min is None or self.max is None:
+                raise ValueError(f"{self.kind} column '{self.name}' needs min and max")
+            if not self.min < self.max:
+                raise ValueError(f"column '{self.name}': min ({self.min}) must be below max")
+            if self.categories is not None:
+                raise ValueError(f"{self.kind} column '{self.name}' takes no categories")
+        return self
+
+    @property
+    def is_categorical(self) -> bool:
+        return self.kind == "categorical"
+
+    def bin_edges(self) -> np.ndarray:
+        """Public bin edges of a numeric column (derived from the schema, never from rows)."""
+        assert self.min is not None and self.max is not None
+        if self.kind == "integer":
+            span = int(self.max - self.min) + 1
+            n_bins = self.bins or min(span, DEFAULT_NUMERIC_BINS)
+            if n_bins >= span:  # one bin per integer value, edges halfway between them
+                return np.arange(self.min - 0.5, self.max + 1.0, 1.0)
+            return np.linspace(self.min - 0.5, self.max + 0.5, n_bins + 1)
+        return np.linspace(self.min, self.max, (self.bins or DEFAULT_NUMERIC_BINS) + 1)
+
+    def n_cells(self) -> int:
+        """Number of histogram cells: categories, or numeric bins."""
+        return len(self.categories) if self.categories else len(self.bin_edges()) - 1
+
+
+class ChannelSpec(_Frozen):
+    """One daily wearable channel with its public range."""
+
+    name: str = Field(min_length=1)
+    min: float
+    max: float
+    unit: str = ""
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ChannelSpec:
+        if not self.min < self.max:
+            raise ValueError(f"channel '{self.name}': min ({self.min}) must be below max")
+        return self
+
+
+class SequenceSpec(_Frozen):
+    """The long-format daily table: day column, sequence length and channels."""
+
+    day_column: str = "day"
+    length: int = Field(ge=2, le=366)
+    missing: Literal["refuse"] = "refuse"
+    channels: tuple[ChannelSpec, ...] = Field(min_length=1)
+
+
+class CohortSchema(_Frozen):
+    """Every column of a cohort folder, as declared in `configs/cohort.toml`."""
+
+    id_column: str = Field(min_length=1)
+    label_column: str = Field(min_length=1)
+    columns: tuple[ColumnSpec, ...] = Field(min_length=1)
+    sequence: SequenceSpec | None = None
+
+    @model_validator(mode="after")
+    def _check_names(self) -> CohortSchema:
+        names = [c.name for c in self.columns]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"column names repeat: {duplicates}")
+        if self.id_column in names:
+            raise ValueError(f"id_column '{self.id_column}' must not also be a data column")
+        if self.label_column not in names:
+            raise ValueError(f"label_column '{self.label_column}' is not a declared column")
+        if not self.column(self.label_column).is_categorical:
+            raise ValueError(f"label_column '{self.label_column}' must be categorical")
+        return self
+
+    def column(self, name: str) -> ColumnSpec:
+        for spec in self.columns:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no column named '{name}' in the schema")
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def schema_hash(self) -> str:
+        """SHA-256 of the canonical JSON form: two sites agree on a schema iff hashes match."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_schema(path: str | Path = DEFAULT_SCHEMA_PATH) -> CohortSchema:
+    """Read and validate a cohort schema TOML file; errors name the file and the key."""
+    data = read_toml(path)
+    try:
+        return CohortSchema.model_validate(data)
+    except ValueError as err:
+        raise ConfigError(format_validation_error(err, source=str(path))) from None
+
+
+def read_toml(path: str | Path) -> dict:
+    """Read a UTF-8 TOML file, turning I/O and syntax problems into a ConfigError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None

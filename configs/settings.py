@@ -1,0 +1,187 @@
+"""Run settings: typed pydantic models over the TOML defaults, with dotted overrides."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from configs.errors import ConfigError, format_validation_error
+from configs.schema import CohortSchema, load_schema, read_toml
+
+DEFAULT_SETTINGS_PATH = Path(__file__).with_name("demo.toml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FederationSettings(_Section):
+    hospitals: int = Field(ge=1, le=1000)
+    patients: int = Field(ge=10)
+    partition: Literal["iid", "non-iid"]
+    dirichlet_alpha: float = Field(gt=0)
+    rounds: int = Field(ge=1)
+    local_epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=2)
+    seed: int = Field(ge=0)
+    round_timeout_s: float = Field(gt=0)
+    min_replies: int = Field(ge=1)
+
+
+class PrivacySettings(_Section):
+    # epsilon and delta are per hospital over the whole run (all charges composed).
+    max_epsilon: float = Field(gt=0, le=100)
+    delta: float = Field(gt=0, lt=1)
+    clipping_norm: float = Field(gt=0)
+    statistics_epsilon_share: float = Field(gt=0, lt=1)
+
+
+class ModelSettings(_Section):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    generator: str = Field(min_length=1)
+
+    def params_for(self, name: str) -> dict[str, Any]:
+        """The raw `[model.<name>]` table (validated by that model's own config class)."""
+        extra = self.model_extra or {}
+        return dict(extra.get(name, {}))
+
+
+class RuntimeSettings(_Section):
+    device: Literal["auto", "cpu", "cuda"]
+    threads_per_client: int = Field(ge=1, le=256)
+
+
+class ExportSettings(_Section):
+    synthetic_rows: int = Field(ge=1)
+    round_sample_rows: int = Field(ge=10)
+
+
+class RunSettings(_Section):
+    """Every knob of a run, validated once at the boundary."""
+
+    schema_path: Path = Field(alias="schema")
+    federation: FederationSettings
+    privacy: PrivacySettings
+    model: ModelSettings
+    runtime: RuntimeSettings
+    export: ExportSettings
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check_model_table(self) -> RunSettings:
+        from models.registry import get_model_class  # local: configs must not import torch early
+
+        try:
+            model_class = get_model_class(self.model.generator)
+        except KeyError as err:
+            raise ValueError(str(err.args[0])) from None
+        model_class.Config.model_validate(self.model.params_for(self.model.generator))
+        return self
+
+    def load_schema(self) -> CohortSchema:
+        return load_schema(self.schema_path)
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The settings as a TOML-shaped dict (round-trips through `settings_from_dict`)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        data["model"] = {"generator": self.model.generator, **(self.model.model_extra or {})}
+        return data
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{part}' is not a table")
+        node[parts[-1]] = value
+    return nested
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse "federation.rounds=3 privacy.max_epsilon=4.0" (values are TOML literals)."""
+    dotted: dict[str, Any] = {}
+    for item in shlex.split(text):
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        try:
+            dotted[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            dotted[key] = raw  # a bare word is taken as a string
+    return dotted
+
+
+def settings_from_dict(data: dict[str, Any], *, source: str, base_dir: Path) -> RunSettings:
+    data = dict(data)
+    schema = Path(data.get("schema", "cohort.toml"))
+    data["schema"] = schema if schema.is_absolute() else (base_dir / schema)
+    try:
+        return RunSettings.model_validate(data)
+    except ValueError as err:
+        raise ConfigError(format_validation_error(err, source=source)) from None
+
+
+def load_settings(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> RunSettings:
+    """Load the defaults, lay a user file over them, then dotted overrides over that."""
+    data = read_toml(DEFAULT_SETTINGS_PATH)
+    source = str(DEFAULT_SETTINGS_PATH)
+    base_dir = DEFAULT_SETTINGS_PATH.parent
+    if path is not None and Path(path).resolve() != DEFAULT_SETTINGS_PATH.resolve():
+        user = read_toml(path)
+        unknown = sorted(set(user) - set(data))
+        if unknown:
+            raise ConfigError(f"{path}: unknown top-level keys {unknown}; allowed: {sorted(data)}")
+        data = deep_merge(data, user)
+        source = str(path)
+        if "schema" in user:
+            base_dir = Path(path).resolve().parent
+    if overrides:
+        data = deep_merge(data, _nest(overrides))
+        source += " + overrides " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    return settings_from_dict(data, source=source, base_dir=base_dir)
+
+
+def settings_from_run_config(run_config: dict[str, Any], app_dir: Path | None = None) -> RunSettings:
+    """Flower `run_config` (pyproject `[tool.flwr.app.config]` + --run-config) -> settings."""
+    config_file = Path(str(run_config.get("config-file", "")) or DEFAULT_SETTINGS_PATH)
+    if not config_file.is_absolute():
+        candidates = [(app_dir or Path.cwd()) / config_file, Path(__file__).parent.parent / config_file]
+        config_file = next((c for c in candidates if c.exists()), candidates[0])
+    overrides = parse_overrides(str(run_config.get("overrides", "")))
+    return load_settings(config_file, overrides)
+
+
+def format_overrides(dotted: dict[str, Any]) -> str:
+    """Inverse of `parse_overrides` for the values the CLI sets (numbers, strings, bools)."""
+    parts = []
+    for key, value in dotted.items():
+        if isinstance(value, bool):
+            literal = "true" if value else "false"
+        elif isinstance(value, str):
+            literal = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        else:
+            literal = repr(value)
+        parts.append(shlex.quote(f"{key}={literal}"))
+    return " ".join(parts)

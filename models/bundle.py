@@ -1,0 +1,71 @@
+"""Model bundles: safetensors weights + encoder + schema + a model card with content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from configs.schema import CohortSchema
+from models.encoder import TabularEncoder
+from models.registry import get_model_class
+from privacy.storage import atomic_directory
+
+WEIGHTS_FILE = "model.safetensors"
+ENCODER_FILE = "encoder.json"
+SCHEMA_FILE = "schema.json"
+CARD_FILE = "model_card.json"
+
+
+class BundleError(ValueError):
+    """A bundle is missing a file, fails its hash check, or does not fit together."""
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_bundle(folder: Path, *, model: Any, card: dict[str, Any]) -> dict[str, Any]:
+    """Write the bundle whole or not at all; the card records each file's SHA-256."""
+    with atomic_directory(folder) as staging:
+        tensors = {k: v.contiguous() for k, v in model.sampler_state_dict().items()}
+        save_file(tensors, str(staging / WEIGHTS_FILE))
+        (staging / ENCODER_FILE).write_text(model.encoder.to_json(), encoding="utf-8")
+        schema_json = json.dumps(model.encoder.schema.model_dump(mode="json"), indent=2)
+        (staging / SCHEMA_FILE).write_text(schema_json, encoding="utf-8")
+        full_card = {
+            **card,
+            "model": model.registry_name,
+            "model_params": model.config.model_dump(mode="json"),
+            "schema_hash": model.encoder.schema.schema_hash(),
+            "encoder_hash": model.encoder.hash,
+            "files": {name: sha256_file(staging / name) for name in (WEIGHTS_FILE, ENCODER_FILE, SCHEMA_FILE)},
+        }
+        (staging / CARD_FILE).write_text(json.dumps(full_card, indent=2), encoding="utf-8")
+    return full_card
+
+
+def load_bundle(folder: str | Path) -> tuple[Any, dict[str, Any]]:
+    """Rebuild the sampler from a bundle after checking every file against the card."""
+    folder = Path(folder)
+    card_path = folder / CARD_FILE
+    if not card_path.is_file():
+        raise BundleError(f"{folder} is not a model bundle: {CARD_FILE} not found")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{card_path} is not a valid JSON model card: {err}") from None
+    for name, digest in card.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise BundleError(f"bundle file {path} is missing")
+        if sha256_file(path) != digest:
+            raise BundleError(f"bundle file {path} does not match the SHA-256 in its model card")
+    schema = CohortSchema.model_validate_json((folder / SCHEMA_FILE).read_text(encoding="utf-8"))
+    encoder = TabularEncoder.from_json((folder / ENCODER_FILE).read_text(encoding="utf-8"), schema)
+    model = get_model_class(card["model"])(encoder, card["model_params"])
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=False)
+    return model, card

@@ -1,0 +1,290 @@
+"""DP-CTGAN: ctgan's conditional generator and discriminator, with DP-SGD on the discriminator."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from ctgan.synthesizers.ctgan import Discriminator, Generator
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from models.encoder import TabularEncoder
+from models.registry import register
+from models.runtime import autocast_for
+from privacy.facade import make_private, prepare_module, steps_per_epoch
+from privacy.ledger import PrivacyLedger
+
+logger = logging.getLogger(__name__)
+
+# ctgan's Gumbel-softmax temperature for one-hot outputs.
+_GUMBEL_TAU = 0.2
+
+
+@dataclass
+class DPSpec:
+    """How the discriminator is privatised: sigma, clipping norm (L2), and whose ledger pays."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    ledger: PrivacyLedger
+    label: str = "dp-ctgan"
+
+
+@dataclass
+class FitReport:
+    """Mergeable sums and counts from one local fit (averages are derived, not sent)."""
+
+    steps: int = 0
+    records_seen: int = 0
+    discriminator_loss_sum: float = 0.0
+    generator_loss_sum: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            "steps": float(self.steps),
+            "records-seen": float(self.records_seen),
+            "discriminator-loss-sum": self.discriminator_loss_sum,
+            "generator-loss-sum": self.generator_loss_sum,
+            **self.extra,
+        }
+
+
+@register("dp-ctgan")
+class DPCTGAN:
+    """Conditional tabular GAN (CTGAN-style) whose only record-seeing module is DP-trained.
+
+    The generator never touches real rows: it learns through the DP discriminator's output,
+    so its updates are post-processing and need no noise of their own.
+    """
+
+    registry_name = "dp-ctgan"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        embedding_dim: int = Field(default=64, ge=2, le=1024)
+        generator_dims: tuple[int, ...] = (128, 128)
+        discriminator_dims: tuple[int, ...] = (128, 128)
+        generator_lr: float = Field(default=2e-4, gt=0, le=1)
+        discriminator_lr: float = Field(default=2e-4, gt=0, le=1)
+        generator_steps: int = Field(default=1, ge=1, le=10)
+        # Weight of the 1-D Wasserstein pull of each numeric output towards N(0, 1): the
+        # encoder maps the DP marginals to N(0, 1), so this uses DP outputs only.
+        marginal_weight: float = Field(default=1.0, ge=0)
+
+    def __init__(self, encoder: TabularEncoder, config: Config | dict, *, seed: int = 0):
+        self.encoder = encoder
+        self.config = config if isinstance(config, self.Config) else self.Config(**config)
+        self._blocks = encoder.categorical_blocks()
+        self._cond_offsets = np.cumsum([0] + [b.width for b in self._blocks[:-1]]).tolist()
+        self.cond_dim = sum(b.width for b in self._blocks)
+        self._numeric_columns = [b.start for b in encoder.blocks if b.kind == "numeric"]
+        torch.manual_seed(seed)
+        self.generator = Generator(
+            self.config.embedding_dim + self.cond_dim, self.config.generator_dims, encoder.width
+        )
+        # pac=1: packing several records into one discriminator input would let one gradient
+        # depend on several patients and break per-record clipping.
+        self.discriminator = prepare_module(
+            Discriminator(encoder.width + self.cond_dim, self.config.discriminator_dims, pac=1)
+        )
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the federation averages (generator and discriminator)."""
+        state = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
+        state.update({f"discriminator.{k}": v for k, v in self.discriminator.state_dict().items()})
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def sampler_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what sampling needs: the exported bundle carries no discriminator."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith("generator.")}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+        parts: dict[str, dict[str, torch.Tensor]] = {"generator": {}, "discriminator": {}}
+        for key, value in state.items():
+            prefix, _, rest = key.partition(".")
+            if prefix not in parts:
+                raise KeyError(f"unexpected state key '{key}'")
+            parts[prefix][rest] = value
+        self.generator.load_state_dict(parts["generator"], strict=True)
+        if parts["discriminator"] or strict:
+            self.discriminator.load_state_dict(parts["discriminator"], strict=strict)
+
+    # ---------------------------------------------------------------- conditioning
+    def _random_condition(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Pick a categorical column uniformly, then a category from its DP marginal."""
+        cond = np.zeros((n, self.cond_dim), dtype=np.float32)
+        chosen = rng.integers(0, len(self._blocks), size=n)
+        categories = np.empty(n, dtype=np.int64)
+        for j, block in enumerate(self._blocks):
+            rows = np.flatnonzero(chosen == j)
+            categories[rows] = rng.choice(block.width, size=len(rows), p=self.encoder.marginal(block.name))
+            cond[rows, self._cond_offsets[j] + categories[rows]] = 1.0
+        return cond, chosen
+
+    def _real_condition(self, real: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """For real rows, condition on the row's own category in a uniformly chosen column."""
+        cond = torch.zeros(real.shape[0], self.cond_dim, device=real.device)
+        if real.shape[0] == 0:
+            return cond
+        chosen = torch.randint(0, len(self._blocks), (real.shape[0],), generator=generator)
+        for j, block in enumerate(self._blocks):
+            rows = (chosen == j).nonzero(as_tuple=True)[0].to(real.device)
+            one_hot = real[rows, block.start : block.start + block.width]
+            cond[rows, self._cond_offsets[j] : self._cond_offsets[j] + block.width] = one_hot
+        return cond
+
+    def _activate(self, raw: torch.Tensor) -> torch.Tensor:
+        """Identity on numeric (probit) outputs, Gumbel-softmax on each one-hot block."""
+        pieces = []
+        for block in self.encoder.blocks:
+            part = raw[:, block.start : block.start + block.width]
+            pieces.append(F.gumbel_softmax(part, tau=_GUMBEL_TAU) if block.kind == "categorical" else part)
+        return torch.cat(pieces, dim=1)
+
+    def _condition_loss(self, raw: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy making the generated category match the condition (ctgan's cond loss)."""
+        losses = []
+        for j, block in enumerate(self._blocks):
+            target = cond[:, self._cond_offsets[j] : self._cond_offsets[j] + block.width]
+            mask = target.sum(dim=1) > 0
+            if mask.any():
+                logits = raw[mask, block.start : block.start + block.width]
+                losses.append(F.cross_entropy(logits, target[mask].argmax(dim=1), reduction="sum"))
+        return torch.stack(losses).sum() / max(1, raw.shape[0]) if losses else raw.sum() * 0
+
+    def _marginal_loss(self, raw: torch.Tensor) -> torch.Tensor:
+        """Sorted numeric outputs vs standard-normal quantiles (1-D Wasserstein-2 per column)."""
+        if not self._numeric_columns or raw.shape[0] < 2:
+            return raw.sum() * 0
+        n = raw.shape[0]
+        levels = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        target = torch.special.ndtri(levels).to(raw.device, torch.float32)
+        ordered, _ = torch.sort(raw[:, self._numeric_columns], dim=0)
+        return ((ordered - target[:, None]) ** 2).mean()
+
+    # ---------------------------------------------------------------- training
+    def fit(
+        self,
+        data: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        dp: DPSpec | None,
+        device: torch.device,
+        seed: int,
+    ) -> FitReport:
+        """Local training on encoded rows; DP-SGD on the discriminator when `dp` is given."""
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        cond_rng = torch.Generator().manual_seed(seed)
+        generator = self.generator.to(device).train()
+        discriminator: nn.Module = self.discriminator.to(device).train()
+        opt_g = torch.optim.Adam(generator.parameters(), lr=self.config.generator_lr, betas=(0.5, 0.9))
+        opt_d = torch.optim.Adam(
+            discriminator.parameters(), lr=self.config.discriminator_lr, betas=(0.5, 0.9)
+        )
+        loader = DataLoader(TensorDataset(torch.from_numpy(data)), batch_size=batch_size)
+        if dp is not None:
+            planned = epochs * steps_per_epoch(len(data), batch_size)
+            dp.ledger.check(
+                dp.label, noise_multiplier=dp.noise_multiplier, sample_rate=1 / len(loader), steps=planned
+            )
+            private = make_private(
+                module=discriminator,
+                optimizer=opt_d,
+                data_loader=loader,
+                noise_multiplier=dp.noise_multiplier,
+                clipping_norm=dp.clipping_norm,
+                ledger=dp.ledger,
+            )
+            discriminator, opt_d, loader = private.module, private.optimizer, private.data_loader
+        report = FitReport()
+        for _ in range(epochs):
+            for (real,) in loader:
+                real = real.to(device)
+                report.discriminator_loss_sum += self._discriminator_step(
+                    discriminator, opt_d, real, batch_size, rng, cond_rng, device
+                )
+                for _ in range(self.config.generator_steps):
+                    report.generator_loss_sum += self._generator_step(
+                        discriminator, opt_g, opt_d, batch_size, rng, device
+                    )
+                report.steps += 1
+                report.records_seen += real.shape[0]
+        if dp is not None:
+            dp.ledger.record_training(
+                dp.label, noise_multiplier=dp.noise_multiplier, sample_rate=1 / len(loader), steps=report.steps
+            )
+            # Unwrap (hooks off): the federation averages the plain module's weights.
+            discriminator.remove_hooks()
+            self.discriminator = discriminator._module
+        self.generator, self.discriminator = generator.cpu(), self.discriminator.cpu()
+        return report
+
+    def _fake_batch(self, n: int, rng: np.random.Generator, device: torch.device):
+        cond_np, _ = self._random_condition(n, rng)
+        cond = torch.from_numpy(cond_np).to(device)
+        noise = torch.randn(n, self.config.embedding_dim, device=device)
+        raw = self.generator(torch.cat([noise, cond], dim=1))
+        return raw, cond
+
+    def _discriminator_step(self, discriminator, opt_d, real, n_fake, rng, cond_rng, device) -> float:
+        opt_d.zero_grad(set_to_none=True)
+        with torch.no_grad(), autocast_for(device):
+            raw, fake_cond = self._fake_batch(n_fake, rng, device)
+            fake = self._activate(raw).float()
+        real_cond = self._real_condition(real, cond_rng)
+        inputs = torch.cat([torch.cat([real, real_cond], 1), torch.cat([fake, fake_cond], 1)])
+        labels = torch.cat([torch.ones(real.shape[0]), torch.zeros(n_fake)]).to(device)
+        # One forward, one backward per DP step; losses summed per record (Opacus loss_reduction="sum").
+        with autocast_for(device):
+            logits = discriminator(inputs).squeeze(1).float()
+        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+        loss.backward()
+        opt_d.step()
+        return float(loss.detach()) / max(1, inputs.shape[0])
+
+    def _generator_step(self, discriminator, opt_g, opt_d, n, rng, device) -> float:
+        hooks = getattr(discriminator, "disable_hooks", None)
+        if hooks is not None:  # no per-sample gradients needed: D is not updated here
+            discriminator.disable_hooks()
+        opt_g.zero_grad(set_to_none=True)
+        with autocast_for(device):
+            raw, cond = self._fake_batch(n, rng, device)
+            logits = discriminator(torch.cat([self._activate(raw), cond], 1)).squeeze(1).float()
+        loss = (
+            F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+            + self._condition_loss(raw.float(), cond)
+            + self.config.marginal_weight * self._marginal_loss(raw.float())
+        )
+        loss.backward()
+        opt_g.step()
+        opt_d.zero_grad(set_to_none=True)  # drop D's gradients from this pass
+        if hooks is not None:
+            discriminator.enable_hooks()
+        return float(loss.detach())
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample_encoded(self, n: int, *, seed: int, batch_size: int = 1000) -> np.ndarray:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        self.generator.eval()
+        chunks = []
+        for start in range(0, n, batch_size):
+            raw, _ = self._fake_batch(min(batch_size, n - start), rng, torch.device("cpu"))
+            chunks.append(self._activate(raw).numpy())
+        self.generator.train()
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.encoder.width), np.float32)
+
+    def sample(self, n: int, *, seed: int) -> pd.DataFrame:
+        """`n` synthetic rows in the schema's types (categorical cells sampled, not argmaxed)."""
+        return self.encoder.inverse_transform(self.sample_encoded(n, seed=seed))

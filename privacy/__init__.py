@@ -1,0 +1,1 @@
+"""Privacy: DP-SGD facade, accountant ledger, attacks and crypto."""

@@ -1,0 +1,1 @@
+"""Server side: run phases, quality scoring and export, from DP outputs only."""

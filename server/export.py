@@ -1,0 +1,131 @@
+"""Export: model bundle with its card, the synthetic table and metrics.json, each atomic."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from configs.settings import RunSettings
+from mindfed import __version__
+from models.bundle import save_bundle
+from models.statistics import Histograms, column_shape_vs_reference, mean_score
+from privacy.storage import atomic_write_text, atomic_write_with
+from strategies.fedavg import RoundLog
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_DIR = "bundle"
+SYNTHETIC_STATIC = Path("synthetic") / "static.csv"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class HospitalSummary:
+    """One hospital as the server knows it: aggregate counts and its accountant's figures."""
+
+    hospital: str
+    num_examples: int
+    epsilon: float
+    delta: float
+    max_epsilon: float
+    rounds_trained: int = 0
+
+
+def _hospital_table(
+    handshake_hospitals: dict[int, HospitalSummary], rounds: list[RoundLog]
+) -> list[HospitalSummary]:
+    """Latest epsilon each hospital reported (its accountant's figure) and rounds it trained."""
+    table = {node: HospitalSummary(**asdict(h)) for node, h in handshake_hospitals.items()}
+    for log in rounds:
+        for entry in log.accepted:
+            summary = table.get(entry["node"])
+            if summary is not None:
+                summary.epsilon = max(summary.epsilon, float(entry["epsilon"]))
+                summary.rounds_trained += 1
+    return sorted(table.values(), key=lambda h: h.hospital)
+
+
+def _round_rows(rounds: list[RoundLog], round_scores: dict[int, float]) -> list[dict[str, Any]]:
+    rows = []
+    for log in rounds:
+        seen = sum(float(e.get("records-seen", 0)) for e in log.accepted)
+        steps = sum(float(e.get("steps", 0)) for e in log.accepted)
+        rows.append(
+            {
+                "round": log.server_round,
+                "aggregated": log.aggregated,
+                "hospitals": [e["hospital"] for e in log.accepted],
+                "rejected": log.rejected,
+                "column_shape_vs_dp_reference": round_scores.get(log.server_round),
+                # sums over hospitals divided by their counts: mergeable, not pre-averaged
+                "discriminator_loss": sum(e.get("discriminator-loss-sum", 0) for e in log.accepted) / max(steps, 1),
+                "generator_loss": sum(e.get("generator-loss-sum", 0) for e in log.accepted) / max(steps, 1),
+                "records_seen": seen,
+            }
+        )
+    return rows
+
+
+def export_run(
+    out_dir: Path,
+    *,
+    model: Any,
+    settings: RunSettings,
+    synthetic: pd.DataFrame,
+    handshake_hospitals: dict[int, HospitalSummary],
+    refusals: list[dict[str, Any]],
+    rounds: list[RoundLog],
+    round_scores: dict[int, float],
+    reference: Histograms,
+) -> dict[str, Any]:
+    """Write bundle/, synthetic/static.csv and metrics.json under `out_dir`; return the metrics."""
+    out_dir = Path(out_dir)
+    schema = model.encoder.schema
+    per_column = column_shape_vs_reference(synthetic, reference, schema)
+    hospitals = [asdict(h) for h in _hospital_table(handshake_hospitals, rounds)]
+    final = {
+        "column_shape_vs_dp_reference": mean_score(per_column),
+        "column_shape_per_column": per_column,
+        "synthetic_rows": len(synthetic),
+    }
+    card = {
+        "name": f"mindfed-{model.registry_name}",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {"mindfed": __version__, **{p: version(p) for p in ("flwr", "opacus", "torch", "ctgan")}},
+        "privacy": {
+            "accountant": "Opacus RDP, one accountant per hospital composing all charges",
+            "clipping_norm": settings.privacy.clipping_norm,
+            "hospitals": [
+                {k: h[k] for k in ("hospital", "epsilon", "delta", "max_epsilon", "rounds_trained")}
+                for h in hospitals
+            ],
+        },
+        "training": {
+            "rounds": len(rounds),
+            "rounds_aggregated": sum(log.aggregated for log in rounds),
+            "local_epochs": settings.federation.local_epochs,
+            "batch_size": settings.federation.batch_size,
+            "hospitals": len(hospitals),
+        },
+        "metrics": final,
+    }
+    card = save_bundle(out_dir / BUNDLE_DIR, model=model, card=card)
+    atomic_write_with(out_dir / SYNTHETIC_STATIC, lambda tmp: synthetic.to_csv(tmp, index=False))
+    metrics = {
+        "final": final,
+        "hospitals": hospitals,
+        "handshake_refusals": refusals,
+        "rounds": _round_rows(rounds, round_scores),
+        "bundle": {"path": BUNDLE_DIR, "encoder_hash": card["encoder_hash"], "files": card["files"]},
+        "settings": settings.to_toml_dict(),
+    }
+    atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
+    logger.info("exported bundle, %d synthetic rows and metrics to %s", len(synthetic), out_dir)
+    return metrics

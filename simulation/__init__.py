@@ -1,0 +1,1 @@
+"""Simulation: the embedded demo cohort, partitioners and the single-machine runner."""

@@ -1,0 +1,1 @@
+"""Aggregation strategies: FedAvg wrappers with update validation."""
