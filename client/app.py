@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 import zlib
 from collections import OrderedDict
 
@@ -18,8 +19,8 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from client.data import CohortValidationError, load_cohort
 from client.node import NodeSettings, get_value, load_ledger, node_settings, save_ledger, set_value
@@ -30,6 +31,10 @@ from privacy.ledger import BudgetExceededError
 from strategies.fedavg import NODE_INFO_KEY
 
 logger = logging.getLogger(__name__)
+# Opacus warns about its non-cryptographic RNG and hook details on every round; the choice is
+# deliberate (see NodeSettings.reproducible_noise) and the warnings drown the useful log.
+warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 
 app = ClientApp()
 
@@ -83,8 +88,12 @@ def handshake(message: Message, context: Context) -> Message:
         {
             "histograms": ArrayRecord({k: Array(v) for k, v in histograms.items()}),
             "metrics": MetricRecord(
-                {"num-examples": cohort.n_patients, "epsilon": ledger.spent(), "delta": node.delta,
-                 "max-epsilon": node.max_epsilon}
+                {
+                    "num-examples": cohort.n_patients,
+                    "epsilon": ledger.spent(),
+                    "delta": node.delta,
+                    "max-epsilon": node.max_epsilon,
+                }
             ),
             NODE_INFO_KEY: _node_info(node, **{"schema-hash": schema.schema_hash()}),
         }
@@ -121,8 +130,14 @@ def train_generator(message: Message, context: Context) -> Message:
             sigma = plan_noise_multiplier(ledger, n_records=cohort.n_patients, request=request)
             set_value(context, sigma_key, sigma)
         new_state, report = train_round(
-            cohort, settings, request, state=state, ledger=ledger, noise_multiplier=float(sigma),
-            device=node.device, seed=_noise_seed(settings, node, request.server_round),
+            cohort,
+            settings,
+            request,
+            state=state,
+            ledger=ledger,
+            noise_multiplier=float(sigma),
+            device=node.device,
+            seed=_noise_seed(settings, node, request.server_round),
         )
     except _REFUSALS as err:
         return _refuse(message, node, err)

@@ -124,17 +124,22 @@ def _parse_static_column(raw: pd.Series, spec: ColumnSpec, file_name: str, issue
         for i in np.flatnonzero(~values.isin(allowed).to_numpy()):
             shown = values.iloc[i] or "(empty)"
             issues.append(
-                ValidationIssue(
-                    file_name, i + 2, spec.name, f"'{shown}' is not one of {sorted(allowed)}"
-                )
+                ValidationIssue(file_name, i + 2, spec.name, f"'{shown}' is not one of {sorted(allowed)}")
             )
         return values
     assert spec.min is not None and spec.max is not None
     values = _parse_numeric(
-        raw, name=file_name, column=spec.name, low=spec.min, high=spec.max,
-        integer=spec.kind == "integer", issues=issues,
+        raw,
+        name=file_name,
+        column=spec.name,
+        low=spec.min,
+        high=spec.max,
+        integer=spec.kind == "integer",
+        issues=issues,
     )
-    return pd.Series(values.astype(np.int64) if spec.kind == "integer" and np.isfinite(values).all() else values)
+    return pd.Series(
+        values.astype(np.int64) if spec.kind == "integer" and np.isfinite(values).all() else values
+    )
 
 
 def _find_static(folder: Path) -> Path | None:
@@ -150,7 +155,9 @@ def _load_static(folder: Path, schema: CohortSchema, issues: list) -> pd.DataFra
         issues.append(ValidationIssue("static.csv", None, None, "file not found in the cohort folder"))
         return None
     frame = _read_table(path, issues)
-    if frame is None or not _check_columns(frame, path.name, [schema.id_column, *schema.column_names], issues):
+    if frame is None or not _check_columns(
+        frame, path.name, [schema.id_column, *schema.column_names], issues
+    ):
         return None
     parsed = {schema.id_column: frame[schema.id_column].str.strip()}
     for spec in schema.columns:
@@ -179,13 +186,23 @@ def _load_timeseries(
         return None
     parsed = {schema.id_column: frame[schema.id_column].str.strip()}
     parsed[sequence.day_column] = _parse_numeric(
-        frame[sequence.day_column], name=path.name, column=sequence.day_column,
-        low=1, high=sequence.length, integer=True, issues=issues,
+        frame[sequence.day_column],
+        name=path.name,
+        column=sequence.day_column,
+        low=1,
+        high=sequence.length,
+        integer=True,
+        issues=issues,
     )
     for channel in sequence.channels:
         parsed[channel.name] = _parse_numeric(
-            frame[channel.name], name=path.name, column=channel.name,
-            low=channel.min, high=channel.max, integer=False, issues=issues,
+            frame[channel.name],
+            name=path.name,
+            column=channel.name,
+            low=channel.min,
+            high=channel.max,
+            integer=False,
+            issues=issues,
         )
     result = pd.DataFrame(parsed)
     if patient_ids is not None:
@@ -193,17 +210,25 @@ def _load_timeseries(
         unknown = ~result[schema.id_column].isin(known).to_numpy()
         for i in np.flatnonzero(unknown)[:MAX_REPORTED_ISSUES]:
             issues.append(
-                ValidationIssue(path.name, i + 2, schema.id_column,
-                                f"'{result[schema.id_column].iloc[i]}' has no row in the static table")
+                ValidationIssue(
+                    path.name,
+                    i + 2,
+                    schema.id_column,
+                    f"'{result[schema.id_column].iloc[i]}' has no row in the static table",
+                )
             )
         days = result.groupby(schema.id_column)[sequence.day_column].nunique()
         rows = result.groupby(schema.id_column).size()
         for pid in sorted(known):
             if days.get(pid, 0) != sequence.length or rows.get(pid, 0) != sequence.length:
                 issues.append(
-                    ValidationIssue(path.name, None, schema.id_column,
-                                    f"patient '{pid}' needs exactly {sequence.length} distinct days "
-                                    f"(missing policy '{sequence.missing}'), found {rows.get(pid, 0)} rows")
+                    ValidationIssue(
+                        path.name,
+                        None,
+                        schema.id_column,
+                        f"patient '{pid}' needs exactly {sequence.length} distinct days "
+                        f"(missing policy '{sequence.missing}'), found {rows.get(pid, 0)} rows",
+                    )
                 )
     return result
 

@@ -87,7 +87,7 @@ def save_ledger(context: Context, node: NodeSettings, ledger: PrivacyLedger) -> 
 
 def get_value(context: Context, key: str) -> Any | None:
     state = _state(context)
-    return state[key] if key in state else None
+    return state.get(key, None)
 
 
 def set_value(context: Context, key: str, value: Any) -> None:

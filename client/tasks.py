@@ -64,9 +64,7 @@ def rebuild_encoder(request: TrainRequest, schema: CohortSchema) -> TabularEncod
     return encoder
 
 
-def plan_noise_multiplier(
-    ledger: PrivacyLedger, *, n_records: int, request: TrainRequest
-) -> float:
+def plan_noise_multiplier(ledger: PrivacyLedger, *, n_records: int, request: TrainRequest) -> float:
     """Sigma that spends what is left of the budget over every planned round of this model."""
     per_epoch = steps_per_epoch(n_records, request.batch_size)
     remaining_rounds = request.total_rounds - request.server_round + 1

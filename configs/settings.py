@@ -141,9 +141,7 @@ def settings_from_dict(data: dict[str, Any], *, source: str, base_dir: Path) -> 
         raise ConfigError(format_validation_error(err, source=source)) from None
 
 
-def load_settings(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None
-) -> RunSettings:
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunSettings:
     """Load the defaults, lay a user file over them, then dotted overrides over that."""
     data = read_toml(DEFAULT_SETTINGS_PATH)
     source = str(DEFAULT_SETTINGS_PATH)
@@ -167,7 +165,10 @@ def settings_from_run_config(run_config: dict[str, Any], app_dir: Path | None = 
     """Flower `run_config` (pyproject `[tool.flwr.app.config]` + --run-config) -> settings."""
     config_file = Path(str(run_config.get("config-file", "")) or DEFAULT_SETTINGS_PATH)
     if not config_file.is_absolute():
-        candidates = [(app_dir or Path.cwd()) / config_file, Path(__file__).parent.parent / config_file]
+        candidates = [
+            (app_dir or Path.cwd()) / config_file,
+            Path(__file__).parent.parent / config_file,
+        ]
         config_file = next((c for c in candidates if c.exists()), candidates[0])
     overrides = parse_overrides(str(run_config.get("overrides", "")))
     return load_settings(config_file, overrides)

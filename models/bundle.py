@@ -42,7 +42,9 @@ def save_bundle(folder: Path, *, model: Any, card: dict[str, Any]) -> dict[str, 
             "model_params": model.config.model_dump(mode="json"),
             "schema_hash": model.encoder.schema.schema_hash(),
             "encoder_hash": model.encoder.hash,
-            "files": {name: sha256_file(staging / name) for name in (WEIGHTS_FILE, ENCODER_FILE, SCHEMA_FILE)},
+            "files": {
+                name: sha256_file(staging / name) for name in (WEIGHTS_FILE, ENCODER_FILE, SCHEMA_FILE)
+            },
         }
         (staging / CARD_FILE).write_text(json.dumps(full_card, indent=2), encoding="utf-8")
     return full_card

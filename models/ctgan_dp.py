@@ -195,7 +195,10 @@ class DPCTGAN:
         if dp is not None:
             planned = epochs * steps_per_epoch(len(data), batch_size)
             dp.ledger.check(
-                dp.label, noise_multiplier=dp.noise_multiplier, sample_rate=1 / len(loader), steps=planned
+                dp.label,
+                noise_multiplier=dp.noise_multiplier,
+                sample_rate=1 / len(loader),
+                steps=planned,
             )
             private = make_private(
                 module=discriminator,
@@ -221,7 +224,10 @@ class DPCTGAN:
                 report.records_seen += real.shape[0]
         if dp is not None:
             dp.ledger.record_training(
-                dp.label, noise_multiplier=dp.noise_multiplier, sample_rate=1 / len(loader), steps=report.steps
+                dp.label,
+                noise_multiplier=dp.noise_multiplier,
+                sample_rate=1 / len(loader),
+                steps=report.steps,
             )
             # Unwrap (hooks off): the federation averages the plain module's weights.
             discriminator.remove_hooks()

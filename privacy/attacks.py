@@ -19,9 +19,7 @@ FloatArray = NDArray[np.float64]
 # The log-spaced part resolves the low-FPR regime where membership attacks matter most.
 FPR_GRID: tuple[float, ...] = tuple(
     float(v)
-    for v in np.unique(
-        np.round(np.concatenate([np.linspace(0.0, 1.0, 101), np.logspace(-4.0, -2.0, 9)]), 12)
-    )
+    for v in np.unique(np.round(np.concatenate([np.linspace(0.0, 1.0, 101), np.logspace(-4.0, -2.0, 9)]), 12))
 )
 # DCR edges are log-spaced (8 bins per decade) from 1e-3 to 100 with a first bin [0, 1e-3):
 # near-copies (DCR ~ 1e-3..1e-1) and typical standardised-space distances (~1..20) both resolve.
@@ -104,9 +102,7 @@ def _same_width(**matrices: FloatArray) -> None:
         raise ValueError(f"all inputs must share one feature encoding; got widths {widths}")
 
 
-def _balance(
-    a: FloatArray, b: FloatArray, rng: np.random.Generator
-) -> tuple[FloatArray, FloatArray]:
+def _balance(a: FloatArray, b: FloatArray, rng: np.random.Generator) -> tuple[FloatArray, FloatArray]:
     """Subsample the larger set (without replacement) to the smaller one's size."""
     n = min(len(a), len(b))
 
@@ -276,9 +272,7 @@ def roc_auc_with_ci(
     # Mann-Whitney form of the AUC with average ranks for ties: identical to roc_auc_score,
     # but vectorised over all replicates at once.
     ranks = rankdata(boot, axis=1)
-    aucs = (ranks[:, : pos.size].sum(axis=1) - pos.size * (pos.size + 1) / 2.0) / (
-        pos.size * neg.size
-    )
+    aucs = (ranks[:, : pos.size].sum(axis=1) - pos.size * (pos.size + 1) / 2.0) / (pos.size * neg.size)
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(aucs, [alpha, 1.0 - alpha])
     return auc, float(low), float(high)
@@ -314,9 +308,7 @@ def _summarise(
 
 
 # ---------------------------------------------------------------------------- attacks
-def _candidates(
-    members: ArrayLike, nonmembers: ArrayLike, seed: int
-) -> tuple[FloatArray, FloatArray]:
+def _candidates(members: ArrayLike, nonmembers: ArrayLike, seed: int) -> tuple[FloatArray, FloatArray]:
     mem = _as_matrix(members, "members")
     non = _as_matrix(nonmembers, "nonmembers")
     _same_width(members=mem, nonmembers=non)
@@ -368,9 +360,7 @@ def distance_attack(
     syn = _as_matrix(synthetic, "synthetic")
     _same_width(members=mem, synthetic=syn)
     scores = -_nearest_distances(syn, np.vstack([mem, non]), k=1)[:, 0]
-    return _summarise(
-        "distance", scores[: len(mem)], scores[len(mem) :], seed=seed, n_bootstrap=n_bootstrap
-    )
+    return _summarise("distance", scores[: len(mem)], scores[len(mem) :], seed=seed, n_bootstrap=n_bootstrap)
 
 
 def domias_attack(
@@ -400,9 +390,7 @@ def domias_attack(
     log_syn = _gaussian_kde_logpdf(syn, cand, bandwidth or _scott_bandwidth(syn))
     log_ref = _gaussian_kde_logpdf(ref, cand, bandwidth or _scott_bandwidth(ref))
     scores = log_syn - log_ref
-    return _summarise(
-        "domias", scores[: len(mem)], scores[len(mem) :], seed=seed, n_bootstrap=n_bootstrap
-    )
+    return _summarise("domias", scores[: len(mem)], scores[len(mem) :], seed=seed, n_bootstrap=n_bootstrap)
 
 
 def classifier_attack(
@@ -459,10 +447,6 @@ def run_membership_attacks(
     """
     return [
         distance_attack(members, nonmembers, synthetic, seed=seed, n_bootstrap=n_bootstrap),
-        domias_attack(
-            members, nonmembers, synthetic, reference, seed=seed, n_bootstrap=n_bootstrap
-        ),
-        classifier_attack(
-            members, nonmembers, synthetic, reference, seed=seed, n_bootstrap=n_bootstrap
-        ),
+        domias_attack(members, nonmembers, synthetic, reference, seed=seed, n_bootstrap=n_bootstrap),
+        classifier_attack(members, nonmembers, synthetic, reference, seed=seed, n_bootstrap=n_bootstrap),
     ]

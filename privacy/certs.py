@@ -321,8 +321,7 @@ def _check_validity(path: Path, cert: x509.Certificate, moment: dt.datetime) -> 
         )
     if moment > cert.not_valid_after_utc:
         raise ValueError(
-            f"Certificate {path} expired on {cert.not_valid_after_utc.isoformat()}; "
-            "re-issue it with --force"
+            f"Certificate {path} expired on {cert.not_valid_after_utc.isoformat()}; re-issue it with --force"
         )
 
 

@@ -101,9 +101,7 @@ class PrivacyLedger:
         self.entries.append(entry)
         return entry
 
-    def calibrate_noise_multiplier(
-        self, *, target_epsilon: float, sample_rate: float, steps: int
-    ) -> float:
+    def calibrate_noise_multiplier(self, *, target_epsilon: float, sample_rate: float, steps: int) -> float:
         """Smallest noise multiplier whose `steps` keep total epsilon at or below the target."""
         target = min(target_epsilon, self.max_epsilon)
 

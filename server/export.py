@@ -65,7 +65,8 @@ def _round_rows(rounds: list[RoundLog], round_scores: dict[int, float]) -> list[
                 "rejected": log.rejected,
                 "column_shape_vs_dp_reference": round_scores.get(log.server_round),
                 # sums over hospitals divided by their counts: mergeable, not pre-averaged
-                "discriminator_loss": sum(e.get("discriminator-loss-sum", 0) for e in log.accepted) / max(steps, 1),
+                "discriminator_loss": sum(e.get("discriminator-loss-sum", 0) for e in log.accepted)
+                / max(steps, 1),
                 "generator_loss": sum(e.get("generator-loss-sum", 0) for e in log.accepted) / max(steps, 1),
                 "records_seen": seen,
             }
@@ -98,7 +99,10 @@ def export_run(
     card = {
         "name": f"mindfed-{model.registry_name}",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": {"mindfed": __version__, **{p: version(p) for p in ("flwr", "opacus", "torch", "ctgan")}},
+        "versions": {
+            "mindfed": __version__,
+            **{p: version(p) for p in ("flwr", "opacus", "torch", "ctgan")},
+        },
         "privacy": {
             "accountant": "Opacus RDP, one accountant per hospital composing all charges",
             "clipping_norm": settings.privacy.clipping_norm,
@@ -123,7 +127,11 @@ def export_run(
         "hospitals": hospitals,
         "handshake_refusals": refusals,
         "rounds": _round_rows(rounds, round_scores),
-        "bundle": {"path": BUNDLE_DIR, "encoder_hash": card["encoder_hash"], "files": card["files"]},
+        "bundle": {
+            "path": BUNDLE_DIR,
+            "encoder_hash": card["encoder_hash"],
+            "files": card["files"],
+        },
         "settings": settings.to_toml_dict(),
     }
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2, default=str))

@@ -118,10 +118,16 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str
     """All phases; returns the metrics written to `out_dir/metrics.json`."""
     fed = settings.federation
     schema = settings.load_schema()
-    node_ids = wait_for_nodes(grid, wanted=fed.hospitals, minimum=fed.min_replies, timeout_s=fed.round_timeout_s)
+    node_ids = wait_for_nodes(
+        grid, wanted=fed.hospitals, minimum=fed.min_replies, timeout_s=fed.round_timeout_s
+    )
     handshake = run_handshake(grid, node_ids, schema, fed.round_timeout_s)
     encoder = TabularEncoder.from_histograms(schema, handshake.reference)
-    logger.info("encoder %s built from DP histograms of %d hospital(s)", encoder.hash[:12], len(handshake.node_ids))
+    logger.info(
+        "encoder %s built from DP histograms of %d hospital(s)",
+        encoder.hash[:12],
+        len(handshake.node_ids),
+    )
 
     model_name = settings.model.generator
     params = get_model_class(model_name).Config(**settings.model.params_for(model_name))

@@ -90,7 +90,13 @@ def _static_profiles(n: int, rng: np.random.Generator) -> tuple[pd.DataFrame, di
             "risk_level": _risk_level(dep, anx, stress),
         }
     )
-    latents = {"dep": dep_latent, "anx": anx_latent, "stress": stress_latent, "age": age, "bmi": bmi}
+    latents = {
+        "dep": dep_latent,
+        "anx": anx_latent,
+        "stress": stress_latent,
+        "age": age,
+        "bmi": bmi,
+    }
     latents["steps_factor"] = np.array([OCCUPATIONS[o][2] for o in occupation])
     return frame, latents
 
@@ -111,17 +117,26 @@ def _daily_rhythms(latents: dict[str, np.ndarray], days: int, rng: np.random.Gen
     sleep = 7.3 - 0.55 * dep[:, None] + 0.7 * weekend + 0.8 * _ar1(n, days, 0.5, rng)
     fitness = rng.normal(0, 1, n)
     resting_hr = (
-        64 + 3.2 * anx[:, None] + 0.45 * (bmi - 25)[:, None] - 3.0 * fitness[:, None]
+        64
+        + 3.2 * anx[:, None]
+        + 0.45 * (bmi - 25)[:, None]
+        - 3.0 * fitness[:, None]
         + 2.0 * _ar1(n, days, 0.6, rng)
     )
     log_hrv = (
-        np.log(58) - 0.16 * stress[:, None] - 0.011 * (age - 40)[:, None] + 0.12 * fitness[:, None]
+        np.log(58)
+        - 0.16 * stress[:, None]
+        - 0.011 * (age - 40)[:, None]
+        + 0.12 * fitness[:, None]
         + 0.12 * _ar1(n, days, 0.4, rng)
     )
     stress_score = 38 + 11 * stress[:, None] - 6 * weekend + 7 * _ar1(n, days, 0.5, rng)
     log_steps = (
-        np.log(7500 * latents["steps_factor"])[:, None] - 0.22 * dep[:, None] + 0.15 * fitness[:, None]
-        - 0.15 * weekend + 0.3 * _ar1(n, days, 0.3, rng)
+        np.log(7500 * latents["steps_factor"])[:, None]
+        - 0.22 * dep[:, None]
+        + 0.15 * fitness[:, None]
+        - 0.15 * weekend
+        + 0.3 * _ar1(n, days, 0.3, rng)
     )
     return {
         "sleep_hours": np.round(np.clip(sleep, 2.0, 13.5), 2),

@@ -15,7 +15,12 @@ import pandas as pd
 from configs.settings import RunSettings, format_overrides, load_settings
 from models.statistics import column_shape_vs_real, mean_score
 from privacy.storage import atomic_write_text
-from simulation.cohort import DemoCohort, check_against_schema, generate_demo_cohort, write_cohort_folder
+from simulation.cohort import (
+    DemoCohort,
+    check_against_schema,
+    generate_demo_cohort,
+    write_cohort_folder,
+)
 from simulation.partition import partition_cohort
 
 logger = logging.getLogger(__name__)
@@ -38,7 +43,9 @@ def prepare_demo_cohort(settings: RunSettings, cohort_dir: Path) -> DemoCohort:
     fed = settings.federation
     cohort = generate_demo_cohort(fed.patients, seed=fed.seed, days=settings.load_schema().sequence.length)
     check_against_schema(cohort, settings.load_schema())
-    parts = partition_cohort(cohort, fed.hospitals, mode=fed.partition, alpha=fed.dirichlet_alpha, seed=fed.seed)
+    parts = partition_cohort(
+        cohort, fed.hospitals, mode=fed.partition, alpha=fed.dirichlet_alpha, seed=fed.seed
+    )
     for index, part in enumerate(parts, start=1):
         write_cohort_folder(part, cohort_dir / f"hospital-{index}")
     return cohort
@@ -81,9 +88,7 @@ def _run_flower_simulation(settings: RunSettings, run_config: dict[str, Any]) ->
     )
 
 
-def simulate(
-    *, config: Path | None, overrides: dict[str, Any], out_dir: Path
-) -> SimulationOutcome:
+def simulate(*, config: Path | None, overrides: dict[str, Any], out_dir: Path) -> SimulationOutcome:
     """Run the whole demo federation; returns the exported metrics plus the real-data score."""
     settings = load_settings(config, overrides)
     out_dir = Path(out_dir).resolve()
@@ -103,6 +108,9 @@ def simulate(
     # never something a deployed server could compute.
     synthetic = pd.read_csv(out_dir / "synthetic" / "static.csv")
     per_column = column_shape_vs_real(synthetic, cohort.static, settings.load_schema())
-    metrics["demo_check"] = {"column_shape_vs_real": mean_score(per_column), "per_column": per_column}
+    metrics["demo_check"] = {
+        "column_shape_vs_real": mean_score(per_column),
+        "per_column": per_column,
+    }
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2, default=str))
     return SimulationOutcome(out_dir, metrics, metrics["demo_check"]["column_shape_vs_real"])

@@ -72,8 +72,11 @@ class ValidatedFedAvg(FedAvg):
         self._reference = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
         return [
-            Message(content=m.content, dst_node_id=m.metadata.dst_node_id,
-                    message_type=f"train.{self.action}")
+            Message(
+                content=m.content,
+                dst_node_id=m.metadata.dst_node_id,
+                message_type=f"train.{self.action}",
+            )
             for m in messages
         ]
 
@@ -87,7 +90,9 @@ class ValidatedFedAvg(FedAvg):
         if len(accepted) < self.min_replies:
             logger.warning(
                 "round %d: %d valid update(s), quorum is %d; global model unchanged",
-                server_round, len(accepted), self.min_replies,
+                server_round,
+                len(accepted),
+                self.min_replies,
             )
             return None, None
         arrays, metrics = super().aggregate_train(server_round, accepted)
@@ -98,13 +103,20 @@ class ValidatedFedAvg(FedAvg):
         hospital, node = hospital_of(message), message.metadata.src_node_id
         if message.has_error():
             reason = message.error.reason
-            logger.warning("round %d: %s (node %d) sent an error: %s", log.server_round, hospital, node, reason)
+            logger.warning(
+                "round %d: %s (node %d) sent an error: %s", log.server_round, hospital, node, reason
+            )
             log.rejected.append({"hospital": hospital, "node": node, "reason": reason})
             return False
         problem = check_update(message.content, self._reference, weight_key=self.weighted_by_key)
         if problem is not None:
-            logger.warning("round %d: rejected update from %s (node %d): %s",
-                           log.server_round, hospital, node, problem)
+            logger.warning(
+                "round %d: rejected update from %s (node %d): %s",
+                log.server_round,
+                hospital,
+                node,
+                problem,
+            )
             log.rejected.append({"hospital": hospital, "node": node, "reason": problem})
             return False
         metrics = next(iter(message.content.metric_records.values()))

@@ -53,26 +53,20 @@ def cohort() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def copying_attacks(cohort: dict[str, np.ndarray]) -> list[AttackResult]:
     c = cohort
-    return run_membership_attacks(
-        c["members"], c["nonmembers"], c["copying"], c["reference"], seed=7
-    )
+    return run_membership_attacks(c["members"], c["nonmembers"], c["copying"], c["reference"], seed=7)
 
 
 @pytest.fixture(scope="module")
 def independent_attacks(cohort: dict[str, np.ndarray]) -> list[AttackResult]:
     c = cohort
-    return run_membership_attacks(
-        c["members"], c["nonmembers"], c["independent"], c["reference"], seed=7
-    )
+    return run_membership_attacks(c["members"], c["nonmembers"], c["independent"], c["reference"], seed=7)
 
 
 # ---------------------------------------------------------------------------- end to end
 def test_memorising_generator_is_flagged(
     cohort: dict[str, np.ndarray], copying_attacks: list[AttackResult]
 ) -> None:
-    dcr = dcr_overfitting_protection(
-        cohort["members"], cohort["nonmembers"], cohort["copying"], seed=7
-    )
+    dcr = dcr_overfitting_protection(cohort["members"], cohort["nonmembers"], cohort["copying"], seed=7)
     assert dcr.score < 0.5
     assert dcr.closer_to_training > 0.75
     assert dcr.median_dcr_training < 0.1 * dcr.median_dcr_holdout
@@ -86,9 +80,7 @@ def test_memorising_generator_is_flagged(
 def test_independent_generator_looks_safe(
     cohort: dict[str, np.ndarray], independent_attacks: list[AttackResult]
 ) -> None:
-    dcr = dcr_overfitting_protection(
-        cohort["members"], cohort["nonmembers"], cohort["independent"], seed=7
-    )
+    dcr = dcr_overfitting_protection(cohort["members"], cohort["nonmembers"], cohort["independent"], seed=7)
     assert dcr.score >= 0.85
     for attack in independent_attacks:
         assert abs(attack.auc - 0.5) <= 0.1, attack
@@ -106,8 +98,7 @@ def test_attacks_are_deterministic_for_a_seed(cohort: dict[str, np.ndarray]) -> 
     c = cohort
     members, nonmembers = c["members"], c["nonmembers"][:250]  # unbalanced: exercises subsampling
     runs = [
-        run_membership_attacks(members, nonmembers, c["copying"], c["reference"], seed=3)
-        for _ in range(2)
+        run_membership_attacks(members, nonmembers, c["copying"], c["reference"], seed=3) for _ in range(2)
     ]
     assert runs[0] == runs[1]
     dcrs = [dcr_overfitting_protection(members, nonmembers, c["copying"], seed=3) for _ in range(2)]
@@ -163,9 +154,7 @@ def test_output_shapes_do_not_depend_on_n(cohort: dict[str, np.ndarray]) -> None
         assert np.all((tpr >= 0) & (tpr <= 1)) and np.all(np.diff(tpr) >= 0)
         assert attack.roc_tpr[-1] == 1.0
 
-        dcr = dcr_overfitting_protection(
-            c["members"][:n], c["nonmembers"][:n], c["copying"], seed=0
-        )
+        dcr = dcr_overfitting_protection(c["members"][:n], c["nonmembers"][:n], c["copying"], seed=0)
         assert dcr.dcr_bin_edges == DCR_BIN_EDGES and dcr.nndr_bin_edges == NNDR_BIN_EDGES
         assert len(dcr.dcr_training_counts) == len(dcr.dcr_holdout_counts) == len(DCR_BIN_EDGES) - 1
         assert len(dcr.nndr_counts) == len(NNDR_BIN_EDGES) - 1
@@ -237,9 +226,7 @@ def test_roc_auc_with_ci_brackets_and_matches_sklearn() -> None:
     data=st.lists(st.tuples(st.booleans(), st.integers(-5, 5)), min_size=2, max_size=40),
     targets=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=5),
 )
-def test_tpr_at_fpr_is_monotone_and_bounded(
-    data: list[tuple[bool, int]], targets: list[float]
-) -> None:
+def test_tpr_at_fpr_is_monotone_and_bounded(data: list[tuple[bool, int]], targets: list[float]) -> None:
     labels = [int(b) for b, _ in data]
     assume(len(set(labels)) == 2)
     scores = [s for _, s in data]
@@ -260,8 +247,6 @@ def test_rejects_bad_inputs(cohort: dict[str, np.ndarray]) -> None:
     with pytest.raises(ValueError, match="both"):
         tpr_at_fpr([1, 1], [0.1, 0.2], 0.1)
     with pytest.raises(ValueError, match="bandwidth"):
-        domias_attack(
-            c["members"], c["nonmembers"], c["independent"], c["reference"], seed=0, bandwidth=0.0
-        )
+        domias_attack(c["members"], c["nonmembers"], c["independent"], c["reference"], seed=0, bandwidth=0.0)
     with pytest.raises(ValueError, match="seed"):
         classifier_attack(c["members"], c["nonmembers"], c["independent"], c["reference"], seed=-1)

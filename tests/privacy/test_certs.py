@@ -111,9 +111,7 @@ def test_verify_chain_rejects_leaf_used_as_ca(pki: CertPaths) -> None:
         verify_chain(pki.server_crt, pki.server_crt)
 
 
-@pytest.mark.parametrize(
-    "hosts", [[], ["superlink:9092"], ["https://superlink"], ["bad host"], ["-x.org"]]
-)
+@pytest.mark.parametrize("hosts", [[], ["superlink:9092"], ["https://superlink"], ["bad host"], ["-x.org"]])
 def test_invalid_hosts_are_rejected(tmp_path: Path, hosts: list[str]) -> None:
     with pytest.raises(ValueError):
         init_ca_and_superlink(tmp_path / "pki", hosts)

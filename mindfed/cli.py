@@ -1,0 +1,170 @@
+"""The `mindfed` command line: parses arguments and calls the packages, nothing more."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+# Before anything imports Flower: its telemetry would reach for the network at every run.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="MindFed: federated, DP synthetic cohorts."
+)
+certs_app = typer.Typer(no_args_is_help=True, help="TLS and node-authentication material for deployment.")
+app.add_typer(certs_app, name="certs")
+console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+    )
+    # Flower and Ray are chatty; our own modules say what matters.
+    for noisy in ("flwr", "ray", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+    warnings.filterwarnings("ignore", module="opacus")
+    warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def _user_errors(*extra: type[Exception]) -> Iterator[None]:
+    """Errors about the user's input become one clear message and exit code 2."""
+    from client.data import CohortValidationError
+    from configs.errors import ConfigError
+    from models.bundle import BundleError
+
+    known = (ConfigError, BundleError, CohortValidationError, FileExistsError, NotADirectoryError)
+    try:
+        yield
+    except (*known, *extra) as err:
+        _fail(str(err))
+
+
+@app.command()
+def simulate(
+    config: Annotated[
+        Path | None, typer.Option(help="TOML settings file laid over the demo defaults.")
+    ] = None,
+    hospitals: Annotated[int | None, typer.Option(min=1, help="Number of simulated hospitals.")] = None,
+    rounds: Annotated[int | None, typer.Option(min=1, help="Federated training rounds.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("mindfed-out"),
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed for cohort, partition and training.")] = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's own logs.")] = False,
+) -> None:
+    """Run the demo federation on the embedded cohort through Flower's simulation engine."""
+    _setup_logging(verbose)
+    from simulation.runner import simulate as run_simulation
+
+    overrides = {
+        key: value
+        for key, value in {
+            "federation.hospitals": hospitals,
+            "federation.rounds": rounds,
+            "federation.seed": seed,
+        }.items()
+        if value is not None
+    }
+    with _user_errors():
+        outcome = run_simulation(config=config, overrides=overrides, out_dir=out)
+    final = outcome.metrics["final"]
+    console.print(f"[bold green]done[/]: results in {outcome.out_dir}")
+    console.print(
+        f"  column-shape score vs DP reference histograms: {final['column_shape_vs_dp_reference']:.4f}"
+    )
+    console.print(f"  column-shape score vs the full demo cohort:    {outcome.column_shape_vs_real:.4f}")
+    for hospital in outcome.metrics["hospitals"]:
+        console.print(
+            f"  {hospital['hospital']}: epsilon {hospital['epsilon']:.3f} of {hospital['max_epsilon']:g} "
+            f"(delta {hospital['delta']:g}), {hospital['rounds_trained']} rounds"
+        )
+    console.print(
+        f"  bundle: {outcome.out_dir / 'bundle'}   synthetic: {outcome.out_dir / 'synthetic' / 'static.csv'}"
+    )
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Option(help="Exported model bundle folder.")],
+    n: Annotated[int, typer.Option("-n", min=1, help="Number of synthetic patients.")] = 10_000,
+    out: Annotated[Path, typer.Option(help="Output CSV file.")] = Path("synthetic.csv"),
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+) -> None:
+    """Sample synthetic patients offline from an exported bundle (no federation needed)."""
+    _setup_logging(False)
+    from models.bundle import load_bundle
+    from privacy.storage import atomic_write_with
+
+    with _user_errors():
+        sampler, card = load_bundle(model)
+    frame = sampler.sample(n, seed=seed)
+    atomic_write_with(out, lambda tmp: frame.to_csv(tmp, index=False))
+    console.print(f"wrote {len(frame)} synthetic patients from {card['name']} to {out}")
+
+
+@app.command()
+def cohort(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("mindfed-cohort"),
+    patients: Annotated[int, typer.Option(min=10)] = 4000,
+    hospitals: Annotated[int, typer.Option(min=1)] = 3,
+    seed: Annotated[int, typer.Option(min=0)] = 7,
+    partition: Annotated[str, typer.Option(help="iid or non-iid")] = "non-iid",
+) -> None:
+    """Write the embedded demo cohort, one data-contract folder per hospital."""
+    _setup_logging(False)
+    from configs.settings import load_settings
+    from simulation.runner import prepare_demo_cohort
+
+    overrides = {
+        "federation.patients": patients,
+        "federation.hospitals": hospitals,
+        "federation.seed": seed,
+        "federation.partition": partition,
+    }
+    with _user_errors():
+        prepare_demo_cohort(load_settings(None, overrides), out)
+    console.print(f"wrote {patients} patients in {hospitals} hospital folders under {out}")
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Annotated[Path, typer.Option(help="Folder for ca.* and server.* files.")],
+    host: Annotated[list[str], typer.Option(help="SuperLink host name or IP (repeatable).")],
+    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+    days: Annotated[int, typer.Option(min=1)] = 365,
+) -> None:
+    """Create a CA and a SuperLink TLS certificate whose SANs are the given hosts."""
+    from privacy.certs import init_ca_and_superlink
+
+    with _user_errors(ValueError):
+        paths = init_ca_and_superlink(out, host, force=force, days=days)
+    console.print(f"CA: {paths.ca_crt}  SuperLink: {paths.server_crt} (key {paths.server_key}, mode 600)")
+
+
+@certs_app.command("node")
+def certs_node(
+    name: Annotated[str, typer.Option(help="Hospital name (letters, digits, - and _).")],
+    out: Annotated[Path, typer.Option(help="Folder for <name>.key and <name>.pub.")],
+    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+) -> None:
+    """Create a hospital's SuperNode authentication key pair (ECDSA P-384, OpenSSH format)."""
+    from privacy.certs import create_node_keys
+
+    with _user_errors(ValueError):
+        paths = create_node_keys(name, out, force=force)
+    console.print(f"node key: {paths.private_key} (mode 600), public key to register: {paths.public_key}")
