@@ -69,7 +69,7 @@ def _read_table(path: Path, issues: list[ValidationIssue]) -> pd.DataFrame | Non
     except UnicodeDecodeError as err:
         issues.append(ValidationIssue(name, None, None, f"not UTF-8 text (byte {err.start})"))
         return None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:  # ImportError: no parquet engine installed
         issues.append(ValidationIssue(name, None, None, f"cannot be read: {err}"))
         return None
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +49,51 @@ def node_settings(context: Context, run: RunSettings) -> NodeSettings:
             reproducible_noise=False,
         )
     partition = int(config["partition-id"])
-    cohort_dir = Path(str(context.run_config.get("cohort-dir", "")))
+    cohort_dir = str(context.run_config.get("cohort-dir", ""))
+    if not cohort_dir:  # `flwr run .` with no cohort: each simulated node writes its demo share
+        cohort_dir = str(Path(str(context.run_config.get("out-dir", "mindfed-out"))) / "cohort")
+        ensure_demo_hospital(run, Path(cohort_dir), partition, int(config["num-partitions"]))
+    folders = hospital_folders(Path(cohort_dir))
+    if partition >= len(folders):
+        raise ValueError(f"simulated node {partition} has no hospital folder (found {len(folders)})")
     return NodeSettings(
-        hospital=f"hospital-{partition + 1}",
-        data_dir=cohort_dir / f"hospital-{partition + 1}",
+        hospital=folders[partition].name,
+        data_dir=folders[partition],
         max_epsilon=run.privacy.max_epsilon,
         delta=run.privacy.delta,
         device=run.runtime.device,
         state_dir=None,
         reproducible_noise=True,
     )
+
+
+def ensure_demo_hospital(run: RunSettings, cohort_dir: Path, partition: int, n_partitions: int) -> None:
+    """Write this node's share of the seeded demo cohort unless it is already there."""
+    from simulation.cohort import generate_demo_cohort, write_cohort_folder
+    from simulation.partition import partition_cohort
+
+    folder = cohort_dir / f"hospital-{partition + 1}"
+    if folder.is_dir():
+        return
+    fed = run.federation
+    cohort = generate_demo_cohort(fed.patients, seed=fed.seed, days=run.load_schema().sequence.length)
+    parts = partition_cohort(
+        cohort, n_partitions, mode=fed.partition, alpha=fed.dirichlet_alpha, seed=fed.seed
+    )
+    write_cohort_folder(parts[partition], folder)
+
+
+def hospital_folders(cohort_dir: Path) -> list[Path]:
+    """A simulated federation's hospitals: the sub-folders of `cohort_dir`, sorted by name."""
+    if not cohort_dir.is_dir():
+        raise NotADirectoryError(f"cohort folder {cohort_dir} not found")
+    folders = [p for p in cohort_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(folders, key=_natural_key)
+
+
+def _natural_key(path: Path) -> list[int | str]:
+    """'hospital-2' before 'hospital-10'."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def _state(context: Context) -> ConfigRecord:

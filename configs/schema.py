@@ -51,6 +51,8 @@ class ColumnSpec(_Frozen):
                 raise ValueError(f"column '{self.name}': min ({self.min}) must be below max")
             if self.categories is not None:
                 raise ValueError(f"{self.kind} column '{self.name}' takes no categories")
+            if self.kind == "integer" and not (float(self.min).is_integer() and float(self.max).is_integer()):
+                raise ValueError(f"integer column '{self.name}' needs whole-number min and max")
         return self
 
     @property

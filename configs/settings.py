@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import shlex
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from configs.errors import ConfigError, format_validation_error
 from configs.schema import CohortSchema, load_schema, read_toml
@@ -81,7 +82,14 @@ class RunSettings(_Section):
             model_class = get_model_class(self.model.generator)
         except KeyError as err:
             raise ValueError(str(err.args[0])) from None
-        model_class.Config.model_validate(self.model.params_for(self.model.generator))
+        try:
+            model_class.Config.model_validate(self.model.params_for(self.model.generator))
+        except ValidationError as err:  # name the dotted key, e.g. model.dp-ctgan.generator_lr
+            problems = "; ".join(
+                f"model.{self.model.generator}.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                for e in err.errors()
+            )
+            raise ValueError(problems) from None
         return self
 
     def load_schema(self) -> CohortSchema:
@@ -175,14 +183,5 @@ def settings_from_run_config(run_config: dict[str, Any], app_dir: Path | None = 
 
 
 def format_overrides(dotted: dict[str, Any]) -> str:
-    """Inverse of `parse_overrides` for the values the CLI sets (numbers, strings, bools)."""
-    parts = []
-    for key, value in dotted.items():
-        if isinstance(value, bool):
-            literal = "true" if value else "false"
-        elif isinstance(value, str):
-            literal = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        else:
-            literal = repr(value)
-        parts.append(shlex.quote(f"{key}={literal}"))
-    return " ".join(parts)
+    """Inverse of `parse_overrides`: JSON literals (strings, numbers, bools, lists) are valid TOML."""
+    return " ".join(shlex.quote(f"{key}={json.dumps(value)}") for key, value in dotted.items())

@@ -15,8 +15,9 @@ from configs.schema import CohortSchema, ColumnSpec
 from models.statistics import Histograms
 
 ENCODER_VERSION = 1
-# Quantiles are kept inside (eps, 1-eps) so the probit transform stays finite.
-_U_EPS = 1e-4
+# Quantiles are kept inside (eps, 1-eps) so the probit transform stays finite; eps sits below
+# the smallest floored bin mass (_BIN_FLOOR_SHARE / 200 cells), so clipping never crosses a bin.
+_U_EPS = 1e-6
 # Each bin gets at least this share of the column's mass, so the piecewise-linear CDF is
 # strictly increasing and invertible even where the DP histogram has empty bins.
 _BIN_FLOOR_SHARE = 1e-3

@@ -60,13 +60,14 @@ def make_private(
     Losses must be summed over the batch (loss_reduction="sum"); Opacus then clips each
     record's gradient to `clipping_norm` (L2) and adds N(0, (sigma * clipping_norm)^2) noise.
     """
-    engine = PrivacyEngine(accountant="rdp")
-    # Share the hospital's accountant: Opacus's own step hook then charges the ledger, so the
-    # epsilon we report is exactly the accountant's figure, composed with earlier charges.
-    engine.accountant = ledger.accountant
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*secure RNG.*")
+        # secure_mode off: simulation seeds its noise on purpose (see client.node.NodeSettings).
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         warnings.filterwarnings("ignore", message=".*Using a non-full backward hook.*")
+        engine = PrivacyEngine(accountant="rdp")
+        # Share the hospital's accountant: Opacus's own step hook then charges the ledger, so the
+        # epsilon we report is exactly the accountant's figure, composed with earlier charges.
+        engine.accountant = ledger.accountant
         private_module, private_optimizer, private_loader = engine.make_private(
             module=module,
             optimizer=optimizer,

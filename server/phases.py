@@ -138,6 +138,7 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str
         min_train_nodes=fed.min_replies,
         min_available_nodes=fed.min_replies,
     )
+    strategy.participants = set(handshake.node_ids)
     train_config = ConfigRecord(
         {
             "model": model_name,

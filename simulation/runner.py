@@ -35,7 +35,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 class SimulationOutcome:
     out_dir: Path
     metrics: dict[str, Any]
-    column_shape_vs_real: float
+    column_shape_vs_real: float | None  # demo cohort only
 
 
 def prepare_demo_cohort(settings: RunSettings, cohort_dir: Path) -> DemoCohort:
@@ -88,15 +88,30 @@ def _run_flower_simulation(settings: RunSettings, run_config: dict[str, Any]) ->
     )
 
 
-def simulate(*, config: Path | None, overrides: dict[str, Any], out_dir: Path) -> SimulationOutcome:
-    """Run the whole demo federation; returns the exported metrics plus the real-data score."""
-    settings = load_settings(config, overrides)
+def simulate(
+    *, config: Path | None, overrides: dict[str, Any], out_dir: Path, cohort_dir: Path | None = None
+) -> SimulationOutcome:
+    """Run a federation on one machine: the embedded demo cohort, or your own hospital folders.
+
+    With `cohort_dir`, each sub-folder is one hospital's data-contract folder and the number of
+    hospitals is the number of sub-folders; without it the demo cohort is generated.
+    """
+    from client.node import hospital_folders
+
     out_dir = Path(out_dir).resolve()
-    cohort = prepare_demo_cohort(settings, out_dir / "cohort")
+    demo: DemoCohort | None = None
+    if cohort_dir is None:
+        settings = load_settings(config, overrides)
+        cohort_dir = out_dir / "cohort"
+        demo = prepare_demo_cohort(settings, cohort_dir)
+    else:
+        cohort_dir = Path(cohort_dir).resolve()
+        overrides = {**overrides, "federation.hospitals": len(hospital_folders(cohort_dir))}
+        settings = load_settings(config, overrides)
     run_config = {
         "config-file": str(Path(config).resolve()) if config else "",
         "overrides": format_overrides(overrides),
-        "cohort-dir": str(out_dir / "cohort"),
+        "cohort-dir": str(cohort_dir),
         "out-dir": str(out_dir),
     }
     _run_flower_simulation(settings, run_config)
@@ -104,13 +119,13 @@ def simulate(*, config: Path | None, overrides: dict[str, Any], out_dir: Path) -
     if not metrics_path.is_file():
         raise RuntimeError(f"the federation finished without writing {metrics_path}; see the log above")
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    # Only the simulation holds the whole cohort: this real-data score is a demo check,
-    # never something a deployed server could compute.
-    synthetic = pd.read_csv(out_dir / "synthetic" / "static.csv")
-    per_column = column_shape_vs_real(synthetic, cohort.static, settings.load_schema())
-    metrics["demo_check"] = {
-        "column_shape_vs_real": mean_score(per_column),
-        "per_column": per_column,
-    }
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=2, default=str))
-    return SimulationOutcome(out_dir, metrics, metrics["demo_check"]["column_shape_vs_real"])
+    score = None
+    if demo is not None:
+        # Only the simulation holds the whole cohort: this real-data score is a demo check,
+        # never something a deployed server could compute.
+        synthetic = pd.read_csv(out_dir / "synthetic" / "static.csv")
+        per_column = column_shape_vs_real(synthetic, demo.static, settings.load_schema())
+        score = mean_score(per_column)
+        metrics["demo_check"] = {"column_shape_vs_real": score, "per_column": per_column}
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2, default=str))
+    return SimulationOutcome(out_dir, metrics, score)

@@ -10,6 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from strategies.validation import check_update
 
@@ -61,10 +62,14 @@ class ValidatedFedAvg(FedAvg):
         kwargs.setdefault("fraction_evaluate", 0.0)
         kwargs.setdefault("train_metrics_aggr_fn", sum_metricrecords)
         super().__init__(**kwargs)
+        if not action.isidentifier():
+            raise ValueError(f"action must be a Python identifier (Flower message routing), got {action!r}")
         self.action = action
         self.min_replies = min_replies
         self.rounds: list[RoundLog] = []
         self._reference: ArrayRecord | None = None
+        # Nodes that passed the handshake; None means every connected node may train.
+        self.participants: set[int] | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -78,6 +83,7 @@ class ValidatedFedAvg(FedAvg):
                 message_type=f"train.{self.action}",
             )
             for m in messages
+            if self.participants is None or m.metadata.dst_node_id in self.participants
         ]
 
     def aggregate_train(
@@ -95,9 +101,12 @@ class ValidatedFedAvg(FedAvg):
                 self.min_replies,
             )
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, accepted)
-        log.aggregated = arrays is not None
-        return (_cast_like(arrays, self._reference) if arrays is not None else None), metrics
+        # Aggregate directly: each reply was checked on its own, and metric sets may differ
+        # between hospitals (Flower's all-replies-alike check would fail the whole round).
+        contents = [m.content for m in accepted]
+        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+        log.aggregated = True
+        return _cast_like(arrays, self._reference), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def _accept(self, message: Message, log: RoundLog) -> bool:
         hospital, node = hospital_of(message), message.metadata.src_node_id
