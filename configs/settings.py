@@ -184,4 +184,6 @@ def settings_from_run_config(run_config: dict[str, Any], app_dir: Path | None = 
 
 def format_overrides(dotted: dict[str, Any]) -> str:
     """Inverse of `parse_overrides`: JSON literals (strings, numbers, bools, lists) are valid TOML."""
-    return " ".join(shlex.quote(f"{key}={json.dumps(value)}") for key, value in dotted.items())
+    return " ".join(
+        shlex.quote(f"{key}={json.dumps(value, ensure_ascii=False)}") for key, value in dotted.items()
+    )

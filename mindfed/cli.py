@@ -51,8 +51,16 @@ def _user_errors(*extra: type[Exception]) -> Iterator[None]:
     from client.data import CohortValidationError
     from configs.errors import ConfigError
     from models.bundle import BundleError
+    from server.phases import HandshakeError
 
-    known = (ConfigError, BundleError, CohortValidationError, FileExistsError, NotADirectoryError)
+    known = (
+        ConfigError,
+        BundleError,
+        CohortValidationError,
+        HandshakeError,
+        FileExistsError,
+        NotADirectoryError,
+    )
     try:
         yield
     except (*known, *extra) as err:
@@ -146,6 +154,25 @@ def cohort(
     with _user_errors():
         prepare_demo_cohort(load_settings(None, overrides), out)
     console.print(f"wrote {patients} patients in {hospitals} hospital folders under {out}")
+
+
+@app.command()
+def check(
+    data: Annotated[Path, typer.Option(help="A hospital's cohort folder (static.csv + timeseries.csv).")],
+    schema: Annotated[
+        Path | None, typer.Option(help="Cohort schema TOML (default: the shipped one).")
+    ] = None,
+) -> None:
+    """Validate a hospital's cohort folder against the schema, as its node will; writes nothing."""
+    _setup_logging(False)
+    from client.data import load_cohort
+    from configs.schema import DEFAULT_SCHEMA_PATH, load_schema
+
+    with _user_errors():
+        cohort_schema = load_schema(schema or DEFAULT_SCHEMA_PATH)
+        cohort = load_cohort(data, cohort_schema)
+    days = 0 if cohort.timeseries is None else len(cohort.timeseries)
+    console.print(f"[bold green]valid[/]: {data} has {cohort.n_patients} patients and {days} daily rows")
 
 
 @certs_app.command("init")

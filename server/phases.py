@@ -25,6 +25,10 @@ from strategies.fedavg import ValidatedFedAvg, hospital_of
 logger = logging.getLogger(__name__)
 
 
+class HandshakeError(RuntimeError):
+    """No hospital passed the handshake: nothing can be trained, nothing is written."""
+
+
 @dataclass
 class HandshakeResult:
     node_ids: list[int]
@@ -93,7 +97,7 @@ def run_handshake(grid: Grid, node_ids: list[int], schema: CohortSchema, timeout
         refusals.append({"hospital": f"node-{node}", "node": node, "reason": "no answer before timeout"})
     if not accepted:
         reasons = "; ".join(f"{r['hospital']}: {r['reason']}" for r in refusals) or "no replies"
-        raise RuntimeError(f"no hospital passed the handshake ({reasons})")
+        raise HandshakeError(f"no hospital passed the handshake: {reasons}")
     return HandshakeResult(accepted, hospitals, merge_histograms(parts), refusals)
 
 
