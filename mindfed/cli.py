@@ -32,6 +32,8 @@ def _setup_logging(verbose: bool) -> None:
     quiet = logging.INFO if verbose else logging.WARNING
     for name in ("flwr", "ray", "filelock"):
         logging.getLogger(name).setLevel(quiet)
+    import flwr.common.logger  # noqa: F401  (Flower adds its console handler on import)
+
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False  # Flower prints through its own console handler
     for flwr_handler in flwr_logger.handlers:

@@ -67,7 +67,8 @@ def run_handshake(grid: Grid, node_ids: list[int], schema: CohortSchema, timeout
     """Phase 1: every node validates its data and answers counts + DP histograms."""
     content = RecordDict({"config": ConfigRecord({"schema-hash": schema.schema_hash()})})
     messages = [Message(content, dst_node_id=n, message_type="query.handshake") for n in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    # Sorted by hospital so the merged float sums (and the encoder hash) repeat run to run.
+    replies = sorted(grid.send_and_receive(messages, timeout=timeout_s), key=hospital_of)
     accepted: list[int] = []
     hospitals: dict[int, HospitalSummary] = {}
     parts: list[Histograms] = []

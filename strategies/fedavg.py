@@ -92,7 +92,8 @@ class ValidatedFedAvg(FedAvg):
         assert self._reference is not None, "configure_train must run first"
         log = RoundLog(server_round)
         self.rounds.append(log)
-        accepted = [m for m in replies if self._accept(m, log)]
+        # Sorted by hospital: float sums in arrival order would make runs differ in the last bits.
+        accepted = sorted((m for m in replies if self._accept(m, log)), key=hospital_of)
         if len(accepted) < self.min_replies:
             logger.warning(
                 "round %d: %d valid update(s), quorum is %d; global model unchanged",

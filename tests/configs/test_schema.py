@@ -126,6 +126,10 @@ BROKEN_SCHEMAS = {
         HEADER + LABEL + '[[columns]]\nname = "bmi"\nkind = "continuous"\nmin = 14.0\n',
         ["columns.1", "'bmi'", "needs min and max"],
     ),
+    "integer with fractional bounds": (
+        HEADER + LABEL + '[[columns]]\nname = "age"\nkind = "integer"\nmin = 0.5\nmax = 3.7\n',
+        ["columns.1", "'age'", "whole-number min and max"],
+    ),
     "numeric with categories": (
         HEADER + LABEL + '[[columns]]\nname = "age"\nkind = "integer"\nmin = 0\nmax = 9\n'
         'categories = ["a", "b"]\n',

@@ -18,12 +18,11 @@ from models.encoder import EncoderError, TabularEncoder
 from models.statistics import histogram_counts
 from simulation.cohort import generate_demo_cohort
 
-# The encoder keeps quantiles inside (U_EPS, 1 - U_EPS); values whose CDF position falls
-# outside are clamped there (see the xfail test at the end). Properties about exact
-# round trips hold for values safely inside.
-U_EPS = 1e-4
-U_MARGIN = 2 * U_EPS
-Z_MAX = float(ndtri(1 - U_EPS))
+# The encoder keeps quantiles a hair inside (0, 1) so the probit stays finite. Continuous
+# values whose CDF position is at least U_MARGIN from the ends must come back within a tight
+# tolerance; every value must come back inside its own bin.
+U_MARGIN = 1e-4
+Z_MAX = float(ndtri(1 - 1e-9))
 
 PROPERTY_SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -156,17 +155,16 @@ def test_transform_then_inverse_round_trips(data: st.DataObject) -> None:
             np.testing.assert_array_equal(restored, original)
             continue
         assert block.width == 1
-        assert (np.abs(part[:, 0]) <= Z_MAX + 1e-4).all()
-        u = _quantile(encoder, spec.name, original)
-        inside = (u >= U_MARGIN) & (u <= 1 - U_MARGIN)
-        edges = spec.bin_edges()
+        assert (np.abs(part[:, 0]) <= Z_MAX).all()
+        widths = np.diff(spec.bin_edges())
+        # every value comes back inside its own bin, even in empty (floored) tail bins
+        assert (np.abs(restored - original) <= widths.max() + 1e-9).all()
         if spec.kind == "integer":
-            widths = np.diff(edges)
             if np.allclose(widths, 1.0):  # one bin per value: exact
-                np.testing.assert_array_equal(restored[inside], original[inside])
-            else:  # wider bins: within the value's bin
-                assert (np.abs(restored[inside] - original[inside]) <= widths.max() + 1e-9).all()
+                np.testing.assert_array_equal(restored, original)
         else:
+            u = _quantile(encoder, spec.name, original)
+            inside = (u >= U_MARGIN) & (u <= 1 - U_MARGIN)
             tolerance = 1e-4 * (spec.max - spec.min)
             np.testing.assert_allclose(restored[inside], original[inside], rtol=0, atol=tolerance)
 
@@ -353,46 +351,33 @@ def test_hash_is_sha256_hex(shipped: tuple[CohortSchema, pd.DataFrame, TabularEn
     assert json.loads(encoder.to_json())["schema_hash"] == load_schema().schema_hash()
 
 
-# ---------------------------------------------------------------- known limitations / bugs
+# ---------------------------------------------------------------- empty tail bins, integer bounds
 def _one_column_schema(spec: ColumnSpec) -> CohortSchema:
     label = ColumnSpec(name="label", kind="categorical", categories=("a", "b"))
     return CohortSchema(id_column="pid", label_column="label", columns=(label, spec))
 
 
-@pytest.mark.xfail(
-    reason=(
-        "models/encoder.py: transform clips the quantile to [_U_EPS, 1-_U_EPS] = [1e-4, 1-1e-4], "
-        "but _BIN_FLOOR_SHARE only guarantees an empty bin 1e-3/n_cells of the mass (< 1e-4 when "
-        "n_cells > 10), so a value in an empty tail bin is encoded as the 1e-4 quantile and decodes "
-        "to another value (here 0 -> 1); the CDF is not invertible there as its comment claims"
-    ),
-    strict=True,
-)
-def test_integer_value_in_an_empty_tail_bin_round_trips() -> None:
-    spec = ColumnSpec(name="x", kind="integer", min=0, max=15)  # 16 cells, one per value
-    schema = _one_column_schema(spec)
-    counts = np.zeros(16)
+@pytest.mark.parametrize("n_values", [16, 200])
+def test_integer_value_in_an_empty_tail_bin_round_trips(n_values: int) -> None:
+    # Regression: the quantile clip once exceeded the floored mass of an empty bin once a
+    # column had more than 10 cells, so 0 decoded as 1 here.
+    spec = ColumnSpec(name="x", kind="integer", min=0, max=n_values - 1, bins=n_values)
+    assert spec.n_cells() == n_values
+    counts = np.zeros(n_values)
     counts[-2:] = 100.0  # DP noise left only the top values with mass
-    encoder = TabularEncoder.from_histograms(schema, {"x": counts})
-    frame = pd.DataFrame({"label": ["a", "b", "a"], "x": [0, 7, 15]})
+    encoder = TabularEncoder.from_histograms(_one_column_schema(spec), {"x": counts})
+    values = [0, 1, n_values // 2, n_values - 3, n_values - 1]
+    frame = pd.DataFrame({"label": ["a"] * len(values), "x": values})
     back = encoder.inverse_transform(encoder.transform(frame))
-    assert back["x"].tolist() == [0, 7, 15]
+    assert back["x"].tolist() == values
 
 
-@pytest.mark.xfail(
-    reason=(
-        "configs/schema.py ColumnSpec accepts an integer column with non-integral bounds "
-        "(min=0.5, max=3.7), and models/encoder.py inverse_transform clips to [min, max] *before* "
-        "np.rint, so it emits 0 (< min 0.5) and 4 (> max 3.7): rows outside the declared range"
-    ),
-    strict=True,
-)
-def test_integer_column_with_fractional_bounds_never_leaves_its_range() -> None:
-    try:
-        spec = ColumnSpec(name="x", kind="integer", min=0.5, max=3.7)
-    except ValueError:
-        return  # refusing such a schema is an acceptable fix
+def test_integer_column_with_fractional_bounds_is_refused() -> None:
+    # Regression: with min=0.5, max=3.7 inverse_transform clipped before rounding and emitted
+    # 0 and 4, outside the declared range.
+    with pytest.raises(ValueError, match="whole-number min and max"):
+        ColumnSpec(name="x", kind="integer", min=0.5, max=3.7)
+    spec = ColumnSpec(name="x", kind="integer", min=1.0, max=3.0)  # whole floats are fine
     encoder = TabularEncoder.from_histograms(_one_column_schema(spec), {})
-    matrix = np.array([[1.0, 0.0, -5.0], [0.0, 1.0, 5.0]], dtype=np.float32)
-    back = encoder.inverse_transform(matrix)
-    assert back["x"].between(0.5, 3.7).all(), back["x"].tolist()
+    matrix = np.array([[1.0, 0.0, -9.0], [0.0, 1.0, 9.0]], dtype=np.float32)
+    assert encoder.inverse_transform(matrix)["x"].tolist() == [1, 3]

@@ -91,3 +91,10 @@ def test_hospital_with_invalid_data_is_refused_and_run_goes_on(tmp_path: Path) -
     # a node that failed the handshake is not asked to train
     assert sorted(outcome.metrics["rounds"][0]["hospitals"]) == ["hospital-1", "hospital-3"]
     assert outcome.metrics["rounds"][0]["rejected"] == []
+
+
+def test_same_config_and_seed_give_the_same_synthetic_data(tiny_run, tmp_path: Path) -> None:
+    again = simulate(config=None, overrides=TINY, out_dir=tmp_path / "again")
+    first = (tiny_run.out_dir / "synthetic" / "static.csv").read_bytes()
+    assert (again.out_dir / "synthetic" / "static.csv").read_bytes() == first
+    assert again.metrics["bundle"]["encoder_hash"] == tiny_run.metrics["bundle"]["encoder_hash"]

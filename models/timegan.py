@@ -1,0 +1,708 @@
+"""Conditional TimeGAN (Yoon et al. 2019) for the daily wearable weeks, DP-SGD on every record reader."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.special import ndtri
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from configs.schema import CohortSchema, SequenceSpec
+from models.ctgan_dp import DPSpec, FitReport
+from models.encoder import EncoderError, TabularEncoder
+from models.registry import register
+from privacy.facade import PrivateTraining, make_private, prepare_module
+from privacy.ledger import PrivacyLedger
+
+logger = logging.getLogger(__name__)
+
+PHASES = ("embedding", "supervised", "joint")
+# Public stand-in conditions keep numeric (probit) entries where the encoder can put them:
+# it clips quantiles to (1e-6, 1 - 1e-6) before the probit.
+_Z_LIMIT = float(ndtri(1 - 1e-6))
+
+
+# ==================================================================== sequence encoding
+class SequenceEncoder:
+    """Long-format daily table <-> float32 (patients, length, channels) in [0, 1].
+
+    Built from the schema's SequenceSpec alone: the scaling uses the declared public
+    [min, max] of each channel, so the encoder reveals nothing about anyone's rows.
+    """
+
+    def __init__(self, spec: SequenceSpec, *, id_column: str = "patient_id"):
+        self.spec = spec
+        self.id_column = id_column
+        self.day_column = spec.day_column
+        self.length = spec.length
+        self.channels = [c.name for c in spec.channels]
+        self._low = np.array([c.min for c in spec.channels], dtype=np.float64)
+        self._span = np.array([c.max - c.min for c in spec.channels], dtype=np.float64)
+
+    @classmethod
+    def from_schema(cls, schema: CohortSchema) -> SequenceEncoder:
+        if schema.sequence is None:
+            raise EncoderError("the cohort schema declares no [sequence] table")
+        return cls(schema.sequence, id_column=schema.id_column)
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channels)
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.id_column, self.day_column, *self.channels]
+
+    def transform(self, frame: pd.DataFrame, ids: Sequence[Any] | None = None) -> np.ndarray:
+        """Rows -> (len(ids), length, channels), patients in the order of `ids` (default: first seen).
+
+        Pass the static table's ids so row i of the result lines up with its condition vector.
+        Values are clipped to the declared range: that bound is what DP sensitivities assume.
+        """
+        missing = [c for c in self.columns if c not in frame.columns]
+        if missing:
+            raise EncoderError(f"timeseries frame lacks columns {missing}")
+        order = pd.Index(pd.unique(frame[self.id_column]) if ids is None else list(ids))
+        if order.has_duplicates:
+            raise EncoderError("patient ids repeat in the requested order")
+        patient = order.get_indexer(frame[self.id_column])
+        day = frame[self.day_column].to_numpy(dtype=np.int64) - 1
+        if (patient < 0).any():
+            raise EncoderError("timeseries has patients outside the requested ids")
+        if ((day < 0) | (day >= self.length)).any():
+            raise EncoderError(f"days must lie in 1..{self.length}")
+        cells = patient * self.length + day
+        if len(frame) != len(order) * self.length or len(np.unique(cells)) != len(frame):
+            raise EncoderError(f"every patient needs exactly one row for each of the {self.length} days")
+        values = frame[self.channels].to_numpy(dtype=np.float64)
+        out = np.empty((len(order), self.length, self.n_channels), dtype=np.float64)
+        out[patient, day] = (values - self._low) / self._span
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+    def inverse_transform(self, array: np.ndarray, ids: Sequence[Any] | None = None) -> pd.DataFrame:
+        """(patients, length, channels) in [0, 1] -> long-format rows inside the declared ranges."""
+        n = array.shape[0]
+        if array.shape[1:] != (self.length, self.n_channels):
+            raise EncoderError(f"array shape {array.shape[1:]} != ({self.length}, {self.n_channels})")
+        ids = list(ids) if ids is not None else [f"S{i:06d}" for i in range(1, n + 1)]
+        if len(ids) != n:
+            raise EncoderError(f"{len(ids)} ids for {n} sequences")
+        scaled = np.clip(array.astype(np.float64), 0.0, 1.0) * self._span + self._low
+        data: dict[str, Any] = {
+            self.id_column: np.repeat(np.asarray(ids, dtype=object), self.length),
+            self.day_column: np.tile(np.arange(1, self.length + 1, dtype=np.int64), n),
+        }
+        for j, name in enumerate(self.channels):
+            data[name] = scaled[:, :, j].reshape(-1)
+        return pd.DataFrame(data, columns=self.columns)
+
+
+# ==================================================================== moments (sums and counts)
+@dataclass(frozen=True)
+class SequenceMoments:
+    """Per-(day, channel) sums, sums of squares and a count of scaled weeks: they merge by adding."""
+
+    sums: np.ndarray
+    squares: np.ndarray
+    count: float
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> SequenceMoments:
+        x = x.astype(np.float64)
+        return cls(x.sum(axis=0), (x**2).sum(axis=0), float(len(x)))
+
+    def merged(self, other: SequenceMoments) -> SequenceMoments:
+        return SequenceMoments(self.sums + other.sums, self.squares + other.squares, self.count + other.count)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std per (day, channel), projected onto what [0, 1] data allows (noise can overshoot)."""
+        count = max(self.count, 1.0)
+        mean = np.clip(self.sums / count, 0.0, 1.0)
+        var = np.clip(self.squares / count - mean**2, 0.0, 0.25)
+        return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+def moments_sensitivity(length: int, n_channels: int) -> float:
+    """L2 sensitivity of (sums, squares, count) when one week in [0, 1]^(length x channels) is added."""
+    return math.sqrt(2 * length * n_channels + 1)
+
+
+def release_noisy_moments(
+    x: np.ndarray, *, ledger: PrivacyLedger, noise_multiplier: float, rng: np.random.Generator, what: str
+) -> SequenceMoments:
+    """Gaussian mechanism on all sums, squares and the count at once, charged to the ledger."""
+    exact = SequenceMoments.of(np.clip(x, 0.0, 1.0))
+    sigma = noise_multiplier * moments_sensitivity(x.shape[1], x.shape[2])
+    ledger.charge_gaussian(what, noise_multiplier=noise_multiplier)
+    return SequenceMoments(
+        exact.sums + rng.normal(0.0, sigma, exact.sums.shape),
+        exact.squares + rng.normal(0.0, sigma, exact.squares.shape),
+        exact.count + float(rng.normal(0.0, sigma)),
+    )
+
+
+# ==================================================================== networks
+class RecurrentNet(nn.Module):
+    """GRU over the days (optionally fed the static condition every day), then a per-day linear head."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        cond_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        *,
+        sigmoid: bool,
+    ):
+        super().__init__()
+        self.cond_dim = cond_dim
+        self.rnn = nn.GRU(input_dim + cond_dim, hidden_dim, num_layers=num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_dim, output_dim)
+        self.sigmoid = sigmoid
+
+    def forward(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cond_dim:
+            assert cond is not None, "this network is conditioned on the static profile"
+            seq = torch.cat([seq, cond[:, None, :].expand(-1, seq.shape[1], -1)], dim=-1)
+        out, _ = self.rnn(seq)
+        out = self.head(out)
+        return torch.sigmoid(out) if self.sigmoid else out
+
+
+class _AutoEncoder(nn.Module):
+    """Embedder + recovery as one module, so the embedding phase is one DP optimizer, one charge."""
+
+    def __init__(self, embedder: nn.Module, recovery: nn.Module):
+        super().__init__()
+        self.embedder, self.recovery = embedder, recovery
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.recovery(self.embedder(x, cond))
+
+
+@contextlib.contextmanager
+def _frozen(*modules: nn.Module) -> Iterator[None]:
+    """No gradients into these modules while a post-processing loss flows through them."""
+    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+    for module in modules:
+        module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for module, saved in zip(modules, flags, strict=True):
+            for p, flag in zip(module.parameters(), saved, strict=True):
+                p.requires_grad_(flag)
+
+
+def _per_record_bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """Per-day BCE averaged over the days: one loss per record (Opacus sums these)."""
+    labels = torch.full_like(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1)
+
+
+# ==================================================================== the model
+@register("timegan")
+class TimeGAN:
+    """Conditional TimeGAN for the schema's daily channels, conditioned on the encoded static profile.
+
+    Privacy: embedder, recovery, supervisor and discriminator read real weeks (or their
+    embeddings) and are trained only by DP-SGD. The generator never touches a real record:
+    it learns through the DP-trained discriminator, supervisor and recovery on public stand-in
+    conditions, so its updates are post-processing and use a plain optimizer.
+    """
+
+    registry_name = "timegan"
+    # Not a static-table model: fit() takes weeks plus conditions and sample() takes profiles.
+    kind: ClassVar[str] = "sequence"
+    _MODULES: ClassVar[tuple[str, ...]] = ("embedder", "recovery", "supervisor", "generator", "discriminator")
+    _SAMPLER: ClassVar[tuple[str, ...]] = ("generator", "supervisor", "recovery")
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        hidden_dim: int = Field(default=24, ge=2, le=512)
+        num_layers: int = Field(default=2, ge=1, le=4)
+        noise_dim: int = Field(default=8, ge=1, le=256)
+        learning_rate: float = Field(default=1e-3, gt=0, le=1)
+        discriminator_lr: float = Field(default=1e-3, gt=0, le=1)
+        generator_steps: int = Field(default=2, ge=1, le=10)
+        # Weight of D's verdict on the generator's raw latents (TimeGAN's gamma).
+        gamma: float = Field(default=1.0, ge=0)
+        # Weight of the next-day consistency of generated latents under the DP-trained supervisor.
+        supervised_weight: float = Field(default=10.0, ge=0)
+        # Weight of the per-(day, channel) |mean| + |std| gap (TimeGAN's moments loss).
+        moments_weight: float = Field(default=100.0, ge=0)
+        # Sigma / sensitivity of the local noisy-moments release under DP when no moments are given.
+        moments_noise_multiplier: float = Field(default=10.0, gt=0)
+
+    def __init__(self, encoder: TabularEncoder, config: Config | dict, *, seed: int = 0):
+        self.encoder = encoder
+        self.sequence = SequenceEncoder.from_schema(encoder.schema)
+        self.config = config if isinstance(config, self.Config) else self.Config(**config)
+        self.cond_dim = encoder.width
+        c, h, layers = self.sequence.n_channels, self.config.hidden_dim, self.config.num_layers
+        torch.manual_seed(seed)
+        # nn.GRU has no per-sample gradients; prepare_module swaps it for Opacus's DPGRU (same
+        # state_dict keys) in every module that goes through DP-SGD.
+        self.embedder = prepare_module(RecurrentNet(c, self.cond_dim, h, h, layers, sigmoid=True))
+        self.recovery = prepare_module(RecurrentNet(h, 0, h, c, layers, sigmoid=True))
+        self.supervisor = prepare_module(RecurrentNet(h, 0, h, h, max(1, layers - 1), sigmoid=True))
+        self.discriminator = prepare_module(RecurrentNet(h, self.cond_dim, h, 1, layers, sigmoid=False))
+        # The generator is never privatised, so it keeps the fast (cuDNN) nn.GRU.
+        self.generator = RecurrentNet(self.config.noise_dim, self.cond_dim, h, h, layers, sigmoid=True)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the federation averages (all five networks)."""
+        state = {
+            f"{name}.{k}": v for name in self._MODULES for k, v in getattr(self, name).state_dict().items()
+        }
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def sampler_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what sampling needs: generator -> supervisor -> recovery."""
+        return {k: v for k, v in self.state_dict().items() if k.partition(".")[0] in self._SAMPLER}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+        parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self._MODULES}
+        for key, value in state.items():
+            prefix, _, rest = key.partition(".")
+            if prefix not in parts:
+                raise KeyError(f"unexpected state key '{key}'")
+            parts[prefix][rest] = value
+        for name, part in parts.items():
+            if part:
+                getattr(self, name).load_state_dict(part, strict=True)
+            elif strict:
+                raise KeyError(f"state has no weights for the {name}")
+
+    # ---------------------------------------------------------------- conditions
+    def public_conditions(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Stand-in static profiles from public knowledge only: each categorical block drawn from
+        its DP marginal, each numeric entry from N(0, 1) (the encoder maps the DP marginals to it).
+        """
+        cond = np.zeros((n, self.cond_dim), dtype=np.float32)
+        for block in self.encoder.blocks:
+            if block.kind == "categorical":
+                picks = rng.choice(block.width, size=n, p=self.encoder.marginal(block.name))
+                cond[np.arange(n), block.start + picks] = 1.0
+            else:
+                cond[:, block.start] = np.clip(rng.standard_normal(n), -_Z_LIMIT, _Z_LIMIT)
+        return cond
+
+    def _noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        shape = (n, self.sequence.length, self.config.noise_dim)
+        return torch.randn(shape, generator=generator).to(device)
+
+    # ---------------------------------------------------------------- training
+    def fit(
+        self,
+        data: np.ndarray,
+        cond: np.ndarray,
+        *,
+        phase: str,
+        epochs: int,
+        batch_size: int,
+        dp: DPSpec | None,
+        device: torch.device,
+        seed: int,
+        moments: SequenceMoments | None = None,
+    ) -> FitReport:
+        """One local training pass of a phase: "embedding", "supervised" or "joint"."""
+        kwargs = {"epochs": epochs, "batch_size": batch_size, "dp": dp, "device": device, "seed": seed}
+        if phase == "embedding":
+            return self.fit_embedding(data, cond, **kwargs)
+        if phase == "supervised":
+            return self.fit_supervised(data, cond, **kwargs)
+        if phase == "joint":
+            return self.fit_joint(data, cond, moments=moments, **kwargs)
+        raise ValueError(f"unknown TimeGAN phase {phase!r}; expected one of {PHASES}")
+
+    def _loader(self, data: np.ndarray, cond: np.ndarray, batch_size: int, seed: int) -> DataLoader:
+        """Weeks and their static conditions in one dataset, so Poisson sampling draws them together."""
+        if data.shape[1:] != (self.sequence.length, self.sequence.n_channels):
+            raise ValueError(f"data shape {data.shape} does not fit the schema's sequence")
+        if cond.shape != (len(data), self.cond_dim):
+            raise ValueError(f"cond shape {cond.shape} != ({len(data)}, {self.cond_dim})")
+        x = torch.from_numpy(np.clip(data, 0.0, 1.0).astype(np.float32))
+        c = torch.from_numpy(cond.astype(np.float32))
+        return DataLoader(
+            TensorDataset(x, c),
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def _privatise(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: DataLoader,
+        dp: DPSpec,
+        what: str,
+        epochs: int,
+        *,
+        checked: bool = False,
+    ) -> PrivateTraining:
+        """Refuse before anything runs if the planned steps do not fit, then wrap for DP-SGD.
+
+        The ledger's accountant is shared with Opacus, so every step of every phase composes
+        with all earlier charges of this hospital (same records, same accountant).
+        """
+        if not checked:
+            dp.ledger.check(
+                what,
+                noise_multiplier=dp.noise_multiplier,
+                sample_rate=1 / len(loader),
+                steps=epochs * len(loader),
+            )
+        return make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            clipping_norm=dp.clipping_norm,
+            ledger=dp.ledger,
+        )
+
+    @staticmethod
+    def _unwrap(private: PrivateTraining, dp: DPSpec, what: str, steps: int) -> nn.Module:
+        """Log the steps Opacus charged, drop hooks and per-sample buffers, return the plain module."""
+        dp.ledger.record_training(
+            what, noise_multiplier=dp.noise_multiplier, sample_rate=private.sample_rate, steps=steps
+        )
+        private.module.remove_hooks()
+        plain = private.module._module
+        for p in plain.parameters():
+            p.grad, p.grad_sample = None, None
+            if hasattr(p, "summed_grad"):
+                p.summed_grad = None
+        return plain
+
+    def fit_embedding(
+        self,
+        data: np.ndarray,
+        cond: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        dp: DPSpec | None,
+        device: torch.device,
+        seed: int,
+    ) -> FitReport:
+        """Autoencoder phase: embedder + recovery learn to reconstruct real weeks (DP-SGD under dp)."""
+        torch.manual_seed(seed)
+        loader = self._loader(data, cond, batch_size, seed)
+        module: nn.Module = _AutoEncoder(self.embedder, self.recovery).to(device).train()
+        optimizer = torch.optim.Adam(module.parameters(), lr=self.config.learning_rate)
+        what = f"{dp.label} (embedding phase)" if dp else ""
+        private = self._privatise(module, optimizer, loader, dp, what, epochs) if dp else None
+        if private is not None:
+            module, optimizer, loader = private.module, private.optimizer, private.data_loader
+        report = FitReport()
+        loss_sum = 0.0
+        for _ in range(epochs):
+            for x, c in loader:
+                x, c = x.to(device), c.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                per_record = ((module(x, c) - x) ** 2).mean(dim=(1, 2))
+                # Summed over records: Opacus clips each record's gradient (loss_reduction="sum").
+                per_record.sum().backward()
+                optimizer.step()
+                loss_sum += float(per_record.mean().detach()) if len(x) else 0.0
+                report.steps += 1
+                report.records_seen += len(x)
+        if private is not None and dp is not None:
+            module = self._unwrap(private, dp, what, report.steps)
+        self.embedder, self.recovery = module.embedder.cpu(), module.recovery.cpu()
+        report.extra["reconstruction-loss-sum"] = loss_sum
+        return report
+
+    def fit_supervised(
+        self,
+        data: np.ndarray,
+        cond: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        dp: DPSpec | None,
+        device: torch.device,
+        seed: int,
+    ) -> FitReport:
+        """Supervisor phase: predict tomorrow's embedding from the embedder's outputs on real weeks.
+
+        The supervisor sees embeddings of real records, so it is DP-trained; the embedder is
+        only evaluated here (its weights are already DP-trained and stay fixed).
+        """
+        torch.manual_seed(seed)
+        loader = self._loader(data, cond, batch_size, seed)
+        embedder = self.embedder.to(device).eval()
+        module: nn.Module = self.supervisor.to(device).train()
+        optimizer = torch.optim.Adam(module.parameters(), lr=self.config.learning_rate)
+        what = f"{dp.label} (supervised phase)" if dp else ""
+        private = self._privatise(module, optimizer, loader, dp, what, epochs) if dp else None
+        if private is not None:
+            module, optimizer, loader = private.module, private.optimizer, private.data_loader
+        report = FitReport()
+        loss_sum = 0.0
+        for _ in range(epochs):
+            for x, c in loader:
+                x, c = x.to(device), c.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    h = embedder(x, c)
+                per_record = ((module(h)[:, :-1] - h[:, 1:]) ** 2).mean(dim=(1, 2))
+                per_record.sum().backward()
+                optimizer.step()
+                loss_sum += float(per_record.mean().detach()) if len(x) else 0.0
+                report.steps += 1
+                report.records_seen += len(x)
+        if private is not None and dp is not None:
+            module = self._unwrap(private, dp, what, report.steps)
+        self.supervisor, self.embedder = module.cpu(), embedder.train().cpu()
+        report.extra["supervised-loss-sum"] = loss_sum
+        return report
+
+    def fit_joint(
+        self,
+        data: np.ndarray,
+        cond: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        dp: DPSpec | None,
+        device: torch.device,
+        seed: int,
+        moments: SequenceMoments | None = None,
+    ) -> FitReport:
+        """Adversarial phase: DP discriminator vs. a generator that learns only through DP modules.
+
+        Embedder, recovery and supervisor stay fixed here (TimeGAN's joint refinement of the
+        embedder would need another DP-SGD pass over the same records for little gain).
+        """
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        noise_gen = torch.Generator().manual_seed(seed)
+        loader = self._loader(data, cond, batch_size, seed)
+        what = f"{dp.label} (joint phase)" if dp else ""
+        release = dp is not None and moments is None
+        if release:
+            assert dp is not None
+            moments = self._release_moments(data, dp, what, len(loader) * epochs, 1 / len(loader), rng)
+        target = self._moment_target(moments, device)
+        generator = self.generator.to(device).train()
+        embedder, supervisor, recovery = (
+            m.to(device).eval() for m in (self.embedder, self.supervisor, self.recovery)
+        )
+        discriminator: nn.Module = self.discriminator.to(device).train()
+        opt_g = torch.optim.Adam(generator.parameters(), lr=self.config.learning_rate)
+        opt_d = torch.optim.Adam(discriminator.parameters(), lr=self.config.discriminator_lr)
+        private = (
+            self._privatise(discriminator, opt_d, loader, dp, what, epochs, checked=release) if dp else None
+        )
+        if private is not None:
+            discriminator, opt_d, loader = private.module, private.optimizer, private.data_loader
+        report = FitReport()
+        moments_sum = 0.0
+        with _frozen(embedder, supervisor, recovery):
+            for _ in range(epochs):
+                for x, c in loader:
+                    x, c = x.to(device), c.to(device)
+                    report.discriminator_loss_sum += self._discriminator_step(
+                        discriminator, opt_d, x, c, noise_gen
+                    )
+                    for _ in range(self.config.generator_steps):
+                        g_cond, g_target = self._generator_inputs(x, c, target, dp, batch_size, rng)
+                        g_loss, m_loss = self._generator_step(
+                            discriminator, opt_g, opt_d, g_cond, g_target, noise_gen
+                        )
+                        report.generator_loss_sum += g_loss
+                        moments_sum += m_loss
+                    report.steps += 1
+                    report.records_seen += len(x)
+        if private is not None and dp is not None:
+            discriminator = self._unwrap(private, dp, what, report.steps)
+        self.generator, self.discriminator = generator.cpu(), discriminator.cpu()
+        self.embedder, self.supervisor, self.recovery = (
+            m.train().cpu() for m in (embedder, supervisor, recovery)
+        )
+        report.extra["moments-loss-sum"] = moments_sum
+        return report
+
+    def _release_moments(
+        self,
+        data: np.ndarray,
+        dp: DPSpec,
+        what: str,
+        steps: int,
+        sample_rate: float,
+        rng: np.random.Generator,
+    ) -> SequenceMoments:
+        """Noisy moments target for the joint phase under DP, released only if the phase fits.
+
+        Why not the real batch's mean/std (the paper's moments loss)? They are an unnoised
+        function of real rows steering the generator, which would void its post-processing
+        argument; passing them through the DP embedder/recovery would not help either (the
+        outputs are still per-batch functions of real rows). So the target is a Gaussian-mechanism
+        release of per-(day, channel) sums, squares and the count, charged to the same ledger.
+        Better still: the server merges such releases once and passes `moments` to every round.
+        """
+        z = self.config.moments_noise_multiplier
+        dp.ledger.check(f"{what} moments", noise_multiplier=z, sample_rate=1.0, steps=1)
+        # Check the release and the DP-SGD steps together, so a refusal changes nothing.
+        trial = PrivacyLedger(
+            max_epsilon=dp.ledger.max_epsilon,
+            delta=dp.ledger.delta,
+            history=[*dp.ledger.accountant.history, (z, 1.0, 1)],
+        )
+        trial.check(what, noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps)
+        return release_noisy_moments(
+            data, ledger=dp.ledger, noise_multiplier=z, rng=rng, what=f"{what} moments"
+        )
+
+    def _generator_inputs(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        target: tuple[torch.Tensor, torch.Tensor] | None,
+        dp: DPSpec | None,
+        batch_size: int,
+        rng: np.random.Generator,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Conditions and moments target of a generator step.
+
+        Without DP the generator may use the batch's own profiles and moments (the paper).
+        Under DP neither may reach it: real profiles would make its update an unnoised function
+        of records, so it gets public stand-in profiles and the released (DP) moments target.
+        """
+        if dp is None:
+            return c, target if target is not None else _batch_moments(x)
+        assert target is not None
+        return torch.from_numpy(self.public_conditions(batch_size, rng)).to(x.device), target
+
+    @staticmethod
+    def _moment_target(
+        moments: SequenceMoments | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if moments is None:
+            return None
+        mean, std = moments.mean_std()
+        return torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device)
+
+    def _discriminator_step(
+        self,
+        discriminator: nn.Module,
+        opt_d: torch.optim.Optimizer,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        noise_gen: torch.Generator,
+    ) -> float:
+        """One DP step; record i's unit is its real week plus two fakes drawn for its profile.
+
+        Opacus accumulates the per-sample gradients of the three D calls at index i, so
+        clipping bounds record i's whole influence (its profile enters the fakes too).
+        """
+        opt_d.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            h_real = self.embedder(x, c)
+            e_hat = self.generator(self._noise(len(x), noise_gen, x.device), c)
+            h_hat = self.supervisor(e_hat)
+        per_record = (
+            _per_record_bce(discriminator(h_real, c).squeeze(-1), 1.0)
+            + _per_record_bce(discriminator(h_hat, c).squeeze(-1), 0.0)
+            + self.config.gamma * _per_record_bce(discriminator(e_hat, c).squeeze(-1), 0.0)
+        )
+        per_record.sum().backward()
+        opt_d.step()
+        return float(per_record.mean().detach()) if len(x) else 0.0
+
+    def _generator_step(
+        self,
+        discriminator: nn.Module,
+        opt_g: torch.optim.Optimizer,
+        opt_d: torch.optim.Optimizer,
+        cond: torch.Tensor,
+        target: tuple[torch.Tensor, torch.Tensor],
+        noise_gen: torch.Generator,
+    ) -> tuple[float, float]:
+        """Post-processing update: every loss reaches real data only through DP-trained modules."""
+        hooks = hasattr(discriminator, "disable_hooks")
+        if hooks:  # D is not updated here: no per-sample gradients needed
+            discriminator.disable_hooks()
+        opt_g.zero_grad(set_to_none=True)
+        e_hat = self.generator(self._noise(len(cond), noise_gen, cond.device), cond)
+        h_hat = self.supervisor(e_hat)
+        x_hat = self.recovery(h_hat)
+        adversarial = _per_record_bce(discriminator(h_hat, cond).squeeze(-1), 1.0).mean()
+        adversarial_e = _per_record_bce(discriminator(e_hat, cond).squeeze(-1), 1.0).mean()
+        # h_hat = S(e_hat) is the supervisor's next-day prediction: generated latents should
+        # follow the dynamics the DP-trained supervisor learned from real embeddings.
+        supervised = F.mse_loss(h_hat[:, :-1], e_hat[:, 1:])
+        mean, std = target
+        fake_mean, fake_std = _batch_moments(x_hat)
+        moments = (fake_mean - mean).abs().mean() + (fake_std - std).abs().mean()
+        loss = (
+            adversarial
+            + self.config.gamma * adversarial_e
+            + self.config.supervised_weight * supervised
+            + self.config.moments_weight * moments
+        )
+        loss.backward()
+        opt_g.step()
+        opt_d.zero_grad(set_to_none=True)  # drop D's gradients from this pass
+        if hooks:
+            discriminator.enable_hooks()
+        return float(loss.detach()), float(moments.detach())
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample_encoded(self, cond: np.ndarray, *, seed: int, batch_size: int = 1000) -> np.ndarray:
+        """One scaled week (length, channels) in [0, 1] per given condition vector."""
+        if cond.ndim != 2 or cond.shape[1] != self.cond_dim:
+            raise ValueError(f"cond must have shape (n, {self.cond_dim}), got {cond.shape}")
+        noise_gen = torch.Generator().manual_seed(seed)
+        cpu = torch.device("cpu")
+        modules = (self.generator, self.supervisor, self.recovery)
+        for module in modules:
+            module.eval()
+        chunks = []
+        for start in range(0, len(cond), batch_size):
+            c = torch.from_numpy(cond[start : start + batch_size].astype(np.float32))
+            e_hat = self.generator(self._noise(len(c), noise_gen, cpu), c)
+            chunks.append(self.recovery(self.supervisor(e_hat)).numpy())
+        for module in modules:
+            module.train()
+        if not chunks:
+            return np.zeros((0, self.sequence.length, self.sequence.n_channels), np.float32)
+        return np.concatenate(chunks).astype(np.float32)
+
+    def sample(self, static: pd.DataFrame | np.ndarray, *, seed: int) -> pd.DataFrame:
+        """Long-format weeks, one per synthetic patient, each generated for that patient's profile.
+
+        `static`: synthetic static rows (with the id column when they have ids) or their
+        encoded condition vectors.
+        """
+        if isinstance(static, pd.DataFrame):
+            cond = self.encoder.transform(static)
+            ids = static[self.sequence.id_column].tolist() if self.sequence.id_column in static else None
+        else:
+            cond, ids = np.asarray(static, dtype=np.float32), None
+        return self.sequence.inverse_transform(self.sample_encoded(cond, seed=seed), ids)
+
+
+def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(day, channel) mean and (population) std over the batch."""
+    mean = x.mean(dim=0)
+    # The epsilon keeps the gradient of sqrt finite where a generated batch has no spread.
+    return mean, (((x - mean) ** 2).mean(dim=0) + 1e-8).sqrt()
