@@ -73,10 +73,14 @@ def _read_table(path: Path, issues: list[ValidationIssue]) -> pd.DataFrame | Non
         issues.append(ValidationIssue(name, None, None, f"cannot be read: {err}"))
         return None
     try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skip_blank_lines=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         issues.append(ValidationIssue(name, None, None, f"not a valid CSV table: {err}"))
         return None
+    # The index becomes each row's line in the file (header = line 1), so every message points
+    # at the right line even where blank lines were skipped.
+    frame.index = np.arange(len(frame)) + 2
+    frame = frame[~(frame == "").all(axis=1)]
     if frame.empty:
         issues.append(ValidationIssue(name, None, None, "has a header but no data rows"))
         return None
@@ -98,7 +102,7 @@ def _parse_numeric(
 ) -> np.ndarray:
     stripped = raw.str.strip()
     values = pd.to_numeric(stripped, errors="coerce").to_numpy(dtype=np.float64)
-    lines = np.arange(len(raw)) + 2
+    lines = raw.index.to_numpy()
     for i in np.flatnonzero(stripped == ""):
         issues.append(ValidationIssue(name, int(lines[i]), column, "value is missing"))
     bad = np.isnan(values) & (stripped != "").to_numpy()
@@ -124,7 +128,9 @@ def _parse_static_column(raw: pd.Series, spec: ColumnSpec, file_name: str, issue
         for i in np.flatnonzero(~values.isin(allowed).to_numpy()):
             shown = values.iloc[i] or "(empty)"
             issues.append(
-                ValidationIssue(file_name, i + 2, spec.name, f"'{shown}' is not one of {sorted(allowed)}")
+                ValidationIssue(
+                    file_name, int(raw.index[i]), spec.name, f"'{shown}' is not one of {sorted(allowed)}"
+                )
             )
         return values
     assert spec.min is not None and spec.max is not None
@@ -138,7 +144,8 @@ def _parse_static_column(raw: pd.Series, spec: ColumnSpec, file_name: str, issue
         issues=issues,
     )
     return pd.Series(
-        values.astype(np.int64) if spec.kind == "integer" and np.isfinite(values).all() else values
+        values.astype(np.int64) if spec.kind == "integer" and np.isfinite(values).all() else values,
+        index=raw.index,
     )
 
 
@@ -164,9 +171,13 @@ def _load_static(folder: Path, schema: CohortSchema, issues: list) -> pd.DataFra
         parsed[spec.name] = _parse_static_column(frame[spec.name], spec, path.name, issues)
     ids = parsed[schema.id_column]
     for i in np.flatnonzero((ids == "").to_numpy()):
-        issues.append(ValidationIssue(path.name, i + 2, schema.id_column, "identifier is missing"))
+        issues.append(
+            ValidationIssue(path.name, int(ids.index[i]), schema.id_column, "identifier is missing")
+        )
     for i in np.flatnonzero(ids.duplicated().to_numpy() & (ids != "").to_numpy()):
-        issues.append(ValidationIssue(path.name, i + 2, schema.id_column, f"'{ids.iloc[i]}' repeats"))
+        issues.append(
+            ValidationIssue(path.name, int(ids.index[i]), schema.id_column, f"'{ids.iloc[i]}' repeats")
+        )
     return pd.DataFrame(parsed)
 
 
@@ -212,7 +223,7 @@ def _load_timeseries(
             issues.append(
                 ValidationIssue(
                     path.name,
-                    i + 2,
+                    int(result.index[i]),
                     schema.id_column,
                     f"'{result[schema.id_column].iloc[i]}' has no row in the static table",
                 )
@@ -248,4 +259,4 @@ def load_cohort(folder: str | Path, schema: CohortSchema) -> Cohort:
     if timeseries is not None:
         timeseries = timeseries.sort_values([schema.id_column, schema.sequence.day_column])  # type: ignore[union-attr]
         timeseries = timeseries.reset_index(drop=True)
-    return Cohort(static=static, timeseries=timeseries)
+    return Cohort(static=static.reset_index(drop=True), timeseries=timeseries)

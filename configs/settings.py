@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shlex
 import tomllib
 from pathlib import Path
@@ -81,7 +82,7 @@ class RunSettings(_Section):
         try:
             model_class = get_model_class(self.model.generator)
         except KeyError as err:
-            raise ValueError(str(err.args[0])) from None
+            raise ValueError(f"model.generator: {err.args[0]}") from None
         try:
             model_class.Config.model_validate(self.model.params_for(self.model.generator))
         except ValidationError as err:  # name the dotted key, e.g. model.dp-ctgan.generator_lr
@@ -183,7 +184,14 @@ def settings_from_run_config(run_config: dict[str, Any], app_dir: Path | None = 
 
 
 def format_overrides(dotted: dict[str, Any]) -> str:
-    """Inverse of `parse_overrides`: JSON literals (strings, numbers, bools, lists) are valid TOML."""
-    return " ".join(
-        shlex.quote(f"{key}={json.dumps(value, ensure_ascii=False)}") for key, value in dotted.items()
-    )
+    """Inverse of `parse_overrides`: values written as TOML literals."""
+    return " ".join(shlex.quote(f"{key}={_toml_literal(value)}") for key, value in dotted.items())
+
+
+def _toml_literal(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    # JSON strings, numbers and booleans are TOML too, except DEL, which TOML wants escaped.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")

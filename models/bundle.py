@@ -60,14 +60,22 @@ def load_bundle(folder: str | Path) -> tuple[Any, dict[str, Any]]:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BundleError(f"{card_path} is not a valid JSON model card: {err}") from None
-    for name, digest in card.get("files", {}).items():
+    files = card.get("files") if isinstance(card, dict) else None
+    if not isinstance(files, dict) or set(files) != {WEIGHTS_FILE, ENCODER_FILE, SCHEMA_FILE}:
+        raise BundleError(
+            f"{card_path} must list the SHA-256 of {WEIGHTS_FILE}, {ENCODER_FILE}, {SCHEMA_FILE}"
+        )
+    for name, digest in files.items():
         path = folder / name
         if not path.is_file():
             raise BundleError(f"bundle file {path} is missing")
         if sha256_file(path) != digest:
             raise BundleError(f"bundle file {path} does not match the SHA-256 in its model card")
-    schema = CohortSchema.model_validate_json((folder / SCHEMA_FILE).read_text(encoding="utf-8"))
-    encoder = TabularEncoder.from_json((folder / ENCODER_FILE).read_text(encoding="utf-8"), schema)
-    model = get_model_class(card["model"])(encoder, card["model_params"])
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=False)
+    try:
+        schema = CohortSchema.model_validate_json((folder / SCHEMA_FILE).read_text(encoding="utf-8"))
+        encoder = TabularEncoder.from_json((folder / ENCODER_FILE).read_text(encoding="utf-8"), schema)
+        model = get_model_class(card["model"])(encoder, card["model_params"])
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=False)
+    except (KeyError, ValueError, RuntimeError) as err:  # hashes matched, but the parts disagree
+        raise BundleError(f"bundle {folder} cannot be loaded: {err}") from None
     return model, card

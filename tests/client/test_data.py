@@ -352,14 +352,6 @@ def test_single_problem_is_singular(folder: Path, schema: CohortSchema) -> None:
 
 
 # ---------------------------------------------------------------- known bugs
-@pytest.mark.xfail(
-    reason=(
-        "client/data.py _parse_numeric/_parse_static_column/_load_static/_load_timeseries: line "
-        "numbers are computed as row index + 2, but pd.read_csv skips blank lines "
-        "(skip_blank_lines=True), so every problem after a blank line is reported one line too early"
-    ),
-    strict=True,
-)
 def test_line_numbers_count_blank_lines(folder: Path, schema: CohortSchema) -> None:
     path = folder / "static.csv"
     lines = _lines(path)

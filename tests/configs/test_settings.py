@@ -241,14 +241,6 @@ def test_unknown_nested_key_in_user_file(tmp_path: Path) -> None:
     assert any(line.startswith("federation.roundz:") for line in _problem_lines(info.value))
 
 
-_UNKNOWN_MODEL_REASON = (
-    "configs/settings.py RunSettings._check_model_table: an unknown `model.generator` is "
-    "reported from a model-level validator as '(top level): Value error, unknown model ...', "
-    "so an error from a user TOML file never names the key model.generator (with --overrides "
-    "only the echoed override text in the header names it)"
-)
-
-
 @pytest.mark.parametrize(
     ("text", "key"),
     [
@@ -263,7 +255,6 @@ _UNKNOWN_MODEL_REASON = (
             '[model]\ngenerator = "bogus"\n',
             "model.generator",
             id="unknown-model",
-            marks=pytest.mark.xfail(reason=_UNKNOWN_MODEL_REASON, strict=True),
         ),
     ],
 )
@@ -380,7 +371,7 @@ _KEYS = st.lists(
     min_size=1,
     max_size=3,
 ).map(".".join)
-# Any text but DEL (see the xfail test below); surrogates cannot be encoded at all.
+# Any text; surrogates cannot be encoded at all.
 _STRINGS = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x7f"), max_size=20)
 _VALUES = st.one_of(
     st.booleans(),
@@ -403,27 +394,11 @@ def test_format_overrides_round_trips_strings_with_control_characters() -> None:
     assert parse_overrides(format_overrides(dotted)) == dotted
 
 
-@pytest.mark.xfail(
-    reason=(
-        "configs/settings.py format_overrides: values are written with json.dumps, which leaves "
-        "U+007F (DEL) unescaped; TOML forbids a raw DEL in a basic string, so parse_overrides "
-        "falls back to the raw text and returns the JSON literal with its quotes"
-    ),
-    strict=True,
-)
 def test_format_overrides_round_trips_a_string_with_del() -> None:
     dotted = {"export.note": "a\x7fb"}
     assert parse_overrides(format_overrides(dotted)) == dotted
 
 
-@pytest.mark.xfail(
-    reason=(
-        "configs/settings.py format_overrides: json.dumps writes float('inf') as 'Infinity' "
-        "(and nan as 'NaN'), which are not TOML literals ('inf', 'nan'), so parse_overrides "
-        "returns the string 'Infinity' instead of the float inf"
-    ),
-    strict=True,
-)
 def test_format_overrides_round_trips_infinite_floats() -> None:
     dotted = {"privacy.max_epsilon": float("inf"), "a.b": float("-inf")}
     assert parse_overrides(format_overrides(dotted)) == dotted

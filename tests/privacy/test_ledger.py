@@ -414,13 +414,6 @@ def test_simulation_partition_without_a_folder_is_refused(tmp_path: Path, run_se
         node_settings(ctx, run_settings)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "client/node.py hospital_folders sorts folder names lexicographically, so with the demo's "
-        "unpadded names and >= 10 hospitals partition-id 1 gets 'hospital-10', not 'hospital-2'"
-    ),
-    strict=True,
-)
 def test_simulation_partition_maps_to_hospital_pid_plus_one_with_ten_or_more_hospitals(
     tmp_path: Path, run_settings: RunSettings
 ) -> None:

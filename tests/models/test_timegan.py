@@ -1,0 +1,459 @@
+"""Tests for models.timegan: sequence encoding, networks, the three phases, DP accounting, sampling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from opacus.layers import DPGRU
+from torch import nn
+
+from configs.schema import ChannelSpec, CohortSchema, ColumnSpec, SequenceSpec, load_schema
+from models.ctgan_dp import DPSpec, FitReport
+from models.encoder import EncoderError, TabularEncoder
+from models.registry import get_model_class
+from models.statistics import histogram_counts
+from models.timegan import (
+    PHASES,
+    SequenceEncoder,
+    SequenceMoments,
+    TimeGAN,
+    moments_sensitivity,
+    release_noisy_moments,
+)
+from privacy.facade import steps_per_epoch
+from privacy.ledger import BudgetExceededError, PrivacyLedger
+from simulation.cohort import generate_demo_cohort
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+CPU = torch.device("cpu")
+N = 80
+BATCH = 20
+DELTA = 1e-5
+SIGMA = 1.0
+# Tiny networks and a high learning rate: every fit below takes well under a second.
+SMALL = {"hidden_dim": 8, "num_layers": 1, "noise_dim": 4, "learning_rate": 1e-2, "discriminator_lr": 1e-2}
+LOSS_KEY = {
+    "embedding": "reconstruction-loss-sum",
+    "supervised": "supervised-loss-sum",
+    "joint": "moments-loss-sum",
+}
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def schema() -> CohortSchema:
+    return load_schema()
+
+
+@pytest.fixture(scope="module")
+def cohort(schema: CohortSchema):
+    return generate_demo_cohort(N, seed=7)
+
+
+@pytest.fixture(scope="module")
+def encoder(schema: CohortSchema, cohort) -> TabularEncoder:
+    return TabularEncoder.from_histograms(schema, histogram_counts(cohort.static, schema))
+
+
+@pytest.fixture(scope="module")
+def weeks(schema: CohortSchema, cohort) -> np.ndarray:
+    return SequenceEncoder.from_schema(schema).transform(cohort.timeseries, cohort.static["patient_id"])
+
+
+@pytest.fixture(scope="module")
+def cond(encoder: TabularEncoder, cohort) -> np.ndarray:
+    return encoder.transform(cohort.static)
+
+
+def _fit(model: TimeGAN, weeks: np.ndarray, cond: np.ndarray, phase: str, **kwargs: Any) -> FitReport:
+    options = {"epochs": 1, "batch_size": BATCH, "dp": None, "device": CPU, "seed": 0, **kwargs}
+    return model.fit(weeks, cond, phase=phase, **options)
+
+
+@pytest.fixture(scope="module")
+def trained(encoder: TabularEncoder, weeks: np.ndarray, cond: np.ndarray) -> TimeGAN:
+    """One non-DP epoch of each phase (module-scoped: tests below must not train it further)."""
+    model = TimeGAN(encoder, SMALL, seed=1)
+    for phase in PHASES:
+        _fit(model, weeks, cond, phase)
+    return model
+
+
+def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _other_schema() -> CohortSchema:
+    """A different cohort: two static columns, three channels, five days."""
+    return CohortSchema(
+        id_column="pid",
+        label_column="group",
+        columns=(
+            ColumnSpec(name="score", kind="continuous", min=0.0, max=10.0),
+            ColumnSpec(name="group", kind="categorical", categories=("a", "b")),
+        ),
+        sequence=SequenceSpec(
+            day_column="visit",
+            length=5,
+            channels=(
+                ChannelSpec(name="temp", min=35.0, max=42.0),
+                ChannelSpec(name="mood", min=-5.0, max=5.0),
+                ChannelSpec(name="calls", min=0.0, max=300.0),
+            ),
+        ),
+    )
+
+
+def _random_long_frame(schema: CohortSchema, n: int, rng: np.random.Generator) -> pd.DataFrame:
+    spec = schema.sequence
+    assert spec is not None
+    data: dict[str, Any] = {
+        schema.id_column: np.repeat([f"X{i}" for i in range(n)], spec.length),
+        spec.day_column: np.tile(np.arange(1, spec.length + 1), n),
+    }
+    for channel in spec.channels:
+        data[channel.name] = rng.uniform(channel.min, channel.max, n * spec.length)
+    return pd.DataFrame(data)
+
+
+# ---------------------------------------------------------------- sequence encoder
+def test_sequence_encoder_round_trip(schema: CohortSchema, cohort, weeks: np.ndarray) -> None:
+    seq = SequenceEncoder.from_schema(schema)
+    assert weeks.shape == (N, 7, 5) and weeks.dtype == np.float32
+    assert weeks.min() >= 0.0 and weeks.max() <= 1.0
+    back = seq.inverse_transform(weeks, cohort.static["patient_id"])
+    original = cohort.timeseries
+    assert list(back.columns) == list(original.columns)
+    assert back["patient_id"].tolist() == original["patient_id"].tolist()
+    assert back["day"].tolist() == original["day"].tolist()
+    for channel in schema.sequence.channels:
+        span = channel.max - channel.min
+        np.testing.assert_allclose(back[channel.name], original[channel.name], rtol=0, atol=1e-6 * span)
+
+
+def test_sequence_encoder_follows_the_given_id_order(schema: CohortSchema, cohort, weeks: np.ndarray) -> None:
+    seq = SequenceEncoder.from_schema(schema)
+    shuffled = cohort.timeseries.sample(frac=1.0, random_state=0)
+    ids = cohort.static["patient_id"].tolist()[::-1]
+    np.testing.assert_array_equal(seq.transform(shuffled, ids), weeks[::-1])
+
+
+@pytest.mark.parametrize("damage", ["missing day", "repeated day", "unknown patient", "day out of range"])
+def test_sequence_encoder_refuses_incomplete_weeks(schema: CohortSchema, cohort, damage: str) -> None:
+    seq = SequenceEncoder.from_schema(schema)
+    frame = cohort.timeseries.copy()
+    ids = cohort.static["patient_id"]
+    if damage == "missing day":
+        frame = frame.iloc[1:]
+    elif damage == "repeated day":
+        frame.loc[1, "day"] = 1
+    elif damage == "unknown patient":
+        frame.loc[0, "patient_id"] = "nobody"
+    else:
+        frame.loc[0, "day"] = 8
+    with pytest.raises(EncoderError):
+        seq.transform(frame, ids)
+
+
+def test_sequence_encoder_uses_the_schema_not_hard_coded_channels() -> None:
+    other = _other_schema()
+    seq = SequenceEncoder.from_schema(other)
+    frame = _random_long_frame(other, 12, np.random.default_rng(3))
+    array = seq.transform(frame)
+    assert array.shape == (12, 5, 3)
+    back = seq.inverse_transform(array, frame["pid"].unique())
+    assert list(back.columns) == ["pid", "visit", "temp", "mood", "calls"]
+    pd.testing.assert_frame_equal(back, frame, check_dtype=False, atol=1e-4, rtol=0)
+
+
+def test_inverse_transform_clips_to_the_declared_ranges() -> None:
+    seq = SequenceEncoder.from_schema(_other_schema())
+    array = np.full((2, 5, 3), 1.5, dtype=np.float32)
+    array[1] = -0.5
+    back = seq.inverse_transform(array)
+    assert back["pid"].tolist()[:6] == ["S000001"] * 5 + ["S000002"]
+    assert (back.loc[:4, ["temp", "mood", "calls"]].to_numpy() == [42.0, 5.0, 300.0]).all()
+    assert (back.loc[5:, ["temp", "mood", "calls"]].to_numpy() == [35.0, -5.0, 0.0]).all()
+
+
+def test_schema_without_a_sequence_is_refused(schema: CohortSchema) -> None:
+    with pytest.raises(EncoderError, match="sequence"):
+        SequenceEncoder.from_schema(schema.model_copy(update={"sequence": None}))
+
+
+# ---------------------------------------------------------------- networks
+def test_network_shapes(encoder: TabularEncoder, weeks: np.ndarray, cond: np.ndarray) -> None:
+    model = TimeGAN(encoder, SMALL)
+    x, c = torch.from_numpy(weeks[:10]), torch.from_numpy(cond[:10])
+    h = model.embedder(x, c)
+    assert h.shape == (10, 7, 8) and h.min() >= 0 and h.max() <= 1
+    x_tilde = model.recovery(h)
+    assert x_tilde.shape == (10, 7, 5) and x_tilde.min() >= 0 and x_tilde.max() <= 1
+    e_hat = model.generator(torch.randn(10, 7, 4), c)
+    assert e_hat.shape == (10, 7, 8)
+    assert model.supervisor(e_hat).shape == (10, 7, 8)
+    assert model.discriminator(h, c).shape == (10, 7, 1)
+    # Record-reading modules carry Opacus's per-sample-gradient GRU; the generator does not need it.
+    for name in ("embedder", "recovery", "supervisor", "discriminator"):
+        assert isinstance(getattr(model, name).rnn, DPGRU), name
+    assert type(model.generator.rnn) is nn.GRU
+
+
+def test_timegan_is_registered() -> None:
+    assert get_model_class("timegan") is TimeGAN
+    assert TimeGAN.registry_name == "timegan"
+
+
+# ---------------------------------------------------------------- training without DP
+@pytest.mark.parametrize("phase", PHASES)
+def test_each_phase_reduces_its_loss(
+    phase: str, encoder: TabularEncoder, weeks: np.ndarray, cond: np.ndarray
+) -> None:
+    model = TimeGAN(encoder, SMALL, seed=2)
+    for earlier in PHASES[: PHASES.index(phase)]:
+        _fit(model, weeks, cond, earlier, epochs=2)
+    losses = []
+    for epoch in range(5):
+        report = _fit(model, weeks, cond, phase, seed=epoch)
+        assert report.steps == steps_per_epoch(N, BATCH) and report.records_seen == N
+        losses.append(report.extra[LOSS_KEY[phase]] / report.steps)
+    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0], losses
+
+
+def test_fit_reports_mergeable_sums(encoder: TabularEncoder, weeks: np.ndarray, cond: np.ndarray) -> None:
+    model = TimeGAN(encoder, SMALL)
+    report = _fit(model, weeks, cond, "joint")
+    metrics = report.as_metrics()
+    assert metrics["steps"] == steps_per_epoch(N, BATCH)
+    assert metrics["discriminator-loss-sum"] > 0 and metrics["generator-loss-sum"] > 0
+    assert "moments-loss-sum" in metrics
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_unknown_phase_is_refused(encoder: TabularEncoder, weeks: np.ndarray, cond: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="phase"):
+        _fit(TimeGAN(encoder, SMALL), weeks, cond, "pretraining")
+
+
+def test_fit_is_reproducible_for_a_seed(encoder: TabularEncoder, weeks: np.ndarray, cond: np.ndarray) -> None:
+    a, b = TimeGAN(encoder, SMALL), TimeGAN(encoder, SMALL)
+    for model in (a, b):
+        _fit(model, weeks, cond, "embedding", seed=4)
+        _fit(model, weeks, cond, "joint", seed=4)
+    assert _states_equal(a.state_dict(), b.state_dict())
+
+
+# ---------------------------------------------------------------- DP accounting
+def test_dp_accounting_across_the_three_phases(
+    encoder: TabularEncoder, weeks: np.ndarray, cond: np.ndarray
+) -> None:
+    model = TimeGAN(encoder, SMALL)
+    keys = set(model.state_dict())
+    ledger = PrivacyLedger(max_epsilon=50.0, delta=DELTA)
+    dp = DPSpec(noise_multiplier=SIGMA, clipping_norm=1.0, ledger=ledger, label="timegan round 1")
+    rate = 1 / steps_per_epoch(N, BATCH)
+    z = model.config.moments_noise_multiplier
+    expected: list[tuple[float, float, int]] = []
+    spent = 0.0
+    for phase in PHASES:
+        report = _fit(model, weeks, cond, phase, dp=dp)
+        assert report.steps == steps_per_epoch(N, BATCH)
+        if phase == "joint":  # the noisy-moments release, then the discriminator's steps
+            expected.append((z, 1.0, 1))
+        expected.append((SIGMA, rate, report.steps))
+        assert ledger.spent() > spent
+        spent = ledger.spent()
+        # The DP wrapper is gone: the federation averages the same keys as before.
+        assert set(model.state_dict()) == keys
+    assert [(e.mechanism, e.steps) for e in ledger.entries] == [
+        ("dp-sgd", 4),
+        ("dp-sgd", 4),
+        ("gaussian", 1),
+        ("dp-sgd", 4),
+    ]
+    assert [e.what for e in ledger.entries][-2:] == [
+        "timegan round 1 (joint phase) moments",
+        "timegan round 1 (joint phase)",
+    ]
+    assert ledger.entries[-1].epsilon_after == pytest.approx(spent)
+    # Opacus merges consecutive identical steps; the totals per mechanism must match what ran.
+    totals: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in ledger.accountant.history:
+        totals[(sigma, q)] = totals.get((sigma, q), 0) + steps
+    assert totals == {(SIGMA, rate): 12, (z, 1.0): 1}
+    reference = PrivacyLedger(max_epsilon=50.0, delta=DELTA, history=expected)
+    assert spent == pytest.approx(reference.spent(), rel=1e-9)
+    for name in ("embedder", "recovery", "supervisor", "discriminator"):
+        module = getattr(model, name)
+        assert type(module).__name__ == "RecurrentNet", name
+        assert not any(m._forward_hooks for m in module.modules()), name
+
+
+def test_joint_phase_with_given_moments_releases_nothing_more(
+    encoder: TabularEncoder, weeks: np.ndarray, cond: np.ndarray
+) -> None:
+    model = TimeGAN(encoder, SMALL)
+    ledger = PrivacyLedger(max_epsilon=50.0, delta=DELTA)
+    # Public stand-in moments (mid-range, wide spread): no record went into them.
+    public = SequenceMoments(np.full((7, 5), 50.0), np.full((7, 5), 33.0), 100.0)
+    dp = DPSpec(noise_multiplier=SIGMA, clipping_norm=1.0, ledger=ledger)
+    _fit(model, weeks, cond, "joint", dp=dp, moments=public)
+    assert [(e.mechanism, e.steps) for e in ledger.entries] == [("dp-sgd", 4)]
+
+
+@pytest.mark.parametrize(("phase", "given"), [(p, False) for p in PHASES] + [("joint", True)])
+def test_phase_over_budget_is_refused_and_changes_nothing(
+    phase: str, given: bool, trained: TimeGAN, encoder: TabularEncoder, weeks: np.ndarray, cond: np.ndarray
+) -> None:
+    model = TimeGAN(encoder, SMALL)
+    model.load_state_dict(trained.state_dict())
+    ledger = PrivacyLedger(max_epsilon=1.0, delta=DELTA)
+    ledger.charge_gaussian("handshake statistics", noise_multiplier=10.0)
+    spent, history, n_entries = ledger.spent(), list(ledger.accountant.history), len(ledger.entries)
+    # The moments release alone would fit; only the release plus the DP-SGD steps do not.
+    z = model.config.moments_noise_multiplier
+    assert ledger.epsilon_if(noise_multiplier=z, sample_rate=1.0, steps=1) < 1.0
+    before = model.state_dict()
+    moments = SequenceMoments(np.full((7, 5), 50.0), np.full((7, 5), 33.0), 100.0) if given else None
+    dp = DPSpec(noise_multiplier=SIGMA, clipping_norm=1.0, ledger=ledger)
+
+    with pytest.raises(BudgetExceededError, match="max epsilon"):
+        _fit(model, weeks, cond, phase, dp=dp, moments=moments)
+
+    assert ledger.spent() == spent
+    assert ledger.accountant.history == history
+    assert len(ledger.entries) == n_entries
+    assert _states_equal(model.state_dict(), before)
+
+
+def test_noisy_moments_release_is_charged_once(weeks: np.ndarray) -> None:
+    ledger = PrivacyLedger(max_epsilon=50.0, delta=DELTA)
+    rng = np.random.default_rng(0)
+    released = release_noisy_moments(weeks, ledger=ledger, noise_multiplier=5.0, rng=rng, what="moments")
+    assert [(e.mechanism, e.noise_multiplier) for e in ledger.entries] == [("gaussian", 5.0)]
+    assert moments_sensitivity(7, 5) == pytest.approx(np.sqrt(71))
+    mean, std = released.mean_std()
+    assert mean.shape == std.shape == (7, 5)
+    assert (mean >= 0).all() and (mean <= 1).all() and (std >= 0).all() and (std <= 0.5).all()
+    exact = SequenceMoments.of(weeks)
+    merged = exact.merged(exact)
+    assert merged.count == 2 * N
+    np.testing.assert_allclose(merged.mean_std()[0], exact.mean_std()[0], atol=1e-6)
+
+
+# ---------------------------------------------------------------- sampling
+def test_conditioning_changes_the_week(trained: TimeGAN, encoder: TabularEncoder) -> None:
+    a = np.zeros((200, encoder.width), dtype=np.float32)
+    b = np.zeros_like(a)
+    for block in encoder.blocks:
+        if block.kind == "categorical":
+            a[:, block.start] = 1.0
+            b[:, block.start + block.width - 1] = 1.0
+        else:
+            a[:, block.start], b[:, block.start] = 3.0, -3.0
+    week_a, week_b = trained.sample_encoded(a, seed=5), trained.sample_encoded(b, seed=5)
+    np.testing.assert_array_equal(trained.sample_encoded(a, seed=5), week_a)
+    assert np.abs(week_a.mean(axis=0) - week_b.mean(axis=0)).max() > 1e-3
+
+
+def test_public_conditions_are_valid_encoded_profiles(trained: TimeGAN, encoder: TabularEncoder) -> None:
+    cond = trained.public_conditions(50, np.random.default_rng(0))
+    assert cond.shape == (50, encoder.width)
+    for block in encoder.categorical_blocks():
+        np.testing.assert_array_equal(cond[:, block.start : block.start + block.width].sum(axis=1), 1.0)
+    # They decode to rows of the schema.
+    assert len(encoder.inverse_transform(cond)) == 50
+
+
+def test_samples_are_linked_to_profiles_and_inside_ranges(
+    trained: TimeGAN, schema: CohortSchema, cohort
+) -> None:
+    static = cohort.static.head(9)
+    frame = trained.sample(static, seed=3)
+    assert list(frame.columns) == ["patient_id", "day", *(c.name for c in schema.sequence.channels)]
+    assert len(frame) == 9 * 7
+    assert frame["patient_id"].tolist() == np.repeat(static["patient_id"].to_numpy(), 7).tolist()
+    assert frame["day"].tolist() == list(range(1, 8)) * 9
+    for channel in schema.sequence.channels:
+        assert frame[channel.name].between(channel.min, channel.max).all(), channel.name
+    # Encoded conditions give the same weeks (ids are then generated).
+    from_cond = trained.sample(trained.encoder.transform(static), seed=3)
+    assert from_cond["patient_id"].iloc[0] == "S000001"
+    np.testing.assert_array_equal(from_cond.iloc[:, 2:].to_numpy(), frame.iloc[:, 2:].to_numpy())
+    assert not trained.sample(static, seed=4).equals(frame)
+    assert trained.sample_encoded(np.zeros((0, trained.cond_dim), np.float32), seed=0).shape == (0, 7, 5)
+
+
+def test_sampling_does_not_change_the_state(trained: TimeGAN, cond: np.ndarray) -> None:
+    before = trained.state_dict()
+    trained.sample_encoded(cond, seed=1)
+    assert _states_equal(trained.state_dict(), before)
+
+
+# ---------------------------------------------------------------- state
+def test_state_dict_round_trip_gives_identical_samples(
+    trained: TimeGAN, encoder: TabularEncoder, cond: np.ndarray
+) -> None:
+    fresh = TimeGAN(encoder, SMALL, seed=99)
+    assert not _states_equal(fresh.state_dict(), trained.state_dict())
+    fresh.load_state_dict(trained.state_dict())
+    assert _states_equal(fresh.state_dict(), trained.state_dict())
+    np.testing.assert_array_equal(fresh.sample_encoded(cond, seed=7), trained.sample_encoded(cond, seed=7))
+
+    sampler_only = TimeGAN(encoder, SMALL, seed=98)
+    sampler_only.load_state_dict(trained.sampler_state_dict(), strict=False)
+    np.testing.assert_array_equal(
+        sampler_only.sample_encoded(cond, seed=7), trained.sample_encoded(cond, seed=7)
+    )
+    assert {k.partition(".")[0] for k in trained.sampler_state_dict()} == {
+        "generator",
+        "supervisor",
+        "recovery",
+    }
+    with pytest.raises(KeyError, match="no weights for the embedder"):
+        TimeGAN(encoder, SMALL).load_state_dict(trained.sampler_state_dict())
+    with pytest.raises(KeyError, match="unexpected"):
+        TimeGAN(encoder, SMALL).load_state_dict({"critic.weight": torch.zeros(1)}, strict=False)
+
+
+def test_state_dict_is_a_detached_cpu_copy(trained: TimeGAN) -> None:
+    state = trained.state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    for tensor in state.values():
+        tensor.add_(1.0)
+    assert _states_equal(trained.state_dict(), before)
+    assert all(not t.requires_grad and t.device.type == "cpu" for t in trained.state_dict().values())
+
+
+# ---------------------------------------------------------------- another schema
+def test_model_follows_another_schema() -> None:
+    other = _other_schema()
+    rng = np.random.default_rng(5)
+    static = pd.DataFrame(
+        {
+            "pid": [f"X{i}" for i in range(60)],
+            "score": rng.uniform(0, 10, 60),
+            "group": rng.choice(["a", "b"], 60),
+        }
+    )
+    encoder = TabularEncoder.from_histograms(other, histogram_counts(static, other))
+    weeks = SequenceEncoder.from_schema(other).transform(_random_long_frame(other, 60, rng), static["pid"])
+    model = TimeGAN(encoder, SMALL)
+    ledger = PrivacyLedger(max_epsilon=50.0, delta=DELTA)
+    for phase in PHASES:
+        dp = DPSpec(noise_multiplier=SIGMA, clipping_norm=1.0, ledger=ledger) if phase == "joint" else None
+        _fit(model, weeks, encoder.transform(static), phase, dp=dp)
+    frame = model.sample(static.head(4), seed=0)
+    assert list(frame.columns) == ["pid", "visit", "temp", "mood", "calls"]
+    assert len(frame) == 4 * 5 and frame["visit"].max() == 5
+    assert frame["temp"].between(35, 42).all() and frame["mood"].between(-5, 5).all()
+    assert model.sample_encoded(encoder.transform(static), seed=0).shape == (60, 5, 3)
