@@ -567,9 +567,11 @@ class TimeGAN:
             history=[*dp.ledger.accountant.history, (z, 1.0, 1)],
         )
         trial.check(what, noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps)
-        return release_noisy_moments(
+        released = release_noisy_moments(
             data, ledger=dp.ledger, noise_multiplier=z, rng=rng, what=f"{what} moments"
         )
+        logger.info("released noisy sequence moments (noise multiplier %.2f) for %s", z, what)
+        return released
 
     def _generator_inputs(
         self,
