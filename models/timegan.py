@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -390,6 +390,40 @@ class TimeGAN:
                 p.summed_grad = None
         return plain
 
+    def _train_per_record(
+        self,
+        module: nn.Module,
+        loader: DataLoader,
+        phase: str,
+        *,
+        epochs: int,
+        dp: DPSpec | None,
+        device: torch.device,
+        per_record_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> tuple[nn.Module, float, FitReport]:
+        """One record-seeing module trained on per-record losses, DP-SGD under `dp`."""
+        optimizer = torch.optim.Adam(module.parameters(), lr=self.config.learning_rate)
+        what = f"{dp.label} ({phase} phase)" if dp else ""
+        private = self._privatise(module, optimizer, loader, dp, what, epochs) if dp else None
+        if private is not None:
+            module, optimizer, loader = private.module, private.optimizer, private.data_loader
+        report = FitReport()
+        loss_sum = 0.0
+        for _ in range(epochs):
+            for x, c in loader:
+                x, c = x.to(device), c.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                per_record = per_record_loss(module, x, c)
+                # Summed over records: Opacus clips each record's gradient (loss_reduction="sum").
+                per_record.sum().backward()
+                optimizer.step()
+                loss_sum += float(per_record.mean().detach()) if len(x) else 0.0
+                report.steps += 1
+                report.records_seen += len(x)
+        if private is not None and dp is not None:
+            module = self._unwrap(private, dp, what, report.steps)
+        return module, loss_sum, report
+
     def fit_embedding(
         self,
         data: np.ndarray,
@@ -405,26 +439,15 @@ class TimeGAN:
         torch.manual_seed(seed)
         loader = self._loader(data, cond, batch_size, seed)
         module: nn.Module = _AutoEncoder(self.embedder, self.recovery).to(device).train()
-        optimizer = torch.optim.Adam(module.parameters(), lr=self.config.learning_rate)
-        what = f"{dp.label} (embedding phase)" if dp else ""
-        private = self._privatise(module, optimizer, loader, dp, what, epochs) if dp else None
-        if private is not None:
-            module, optimizer, loader = private.module, private.optimizer, private.data_loader
-        report = FitReport()
-        loss_sum = 0.0
-        for _ in range(epochs):
-            for x, c in loader:
-                x, c = x.to(device), c.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                per_record = ((module(x, c) - x) ** 2).mean(dim=(1, 2))
-                # Summed over records: Opacus clips each record's gradient (loss_reduction="sum").
-                per_record.sum().backward()
-                optimizer.step()
-                loss_sum += float(per_record.mean().detach()) if len(x) else 0.0
-                report.steps += 1
-                report.records_seen += len(x)
-        if private is not None and dp is not None:
-            module = self._unwrap(private, dp, what, report.steps)
+        module, loss_sum, report = self._train_per_record(
+            module,
+            loader,
+            "embedding",
+            epochs=epochs,
+            dp=dp,
+            device=device,
+            per_record_loss=lambda m, x, c: ((m(x, c) - x) ** 2).mean(dim=(1, 2)),
+        )
         self.embedder, self.recovery = module.embedder.cpu(), module.recovery.cpu()
         report.extra["reconstruction-loss-sum"] = loss_sum
         return report
@@ -449,27 +472,15 @@ class TimeGAN:
         loader = self._loader(data, cond, batch_size, seed)
         embedder = self.embedder.to(device).eval()
         module: nn.Module = self.supervisor.to(device).train()
-        optimizer = torch.optim.Adam(module.parameters(), lr=self.config.learning_rate)
-        what = f"{dp.label} (supervised phase)" if dp else ""
-        private = self._privatise(module, optimizer, loader, dp, what, epochs) if dp else None
-        if private is not None:
-            module, optimizer, loader = private.module, private.optimizer, private.data_loader
-        report = FitReport()
-        loss_sum = 0.0
-        for _ in range(epochs):
-            for x, c in loader:
-                x, c = x.to(device), c.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    h = embedder(x, c)
-                per_record = ((module(h)[:, :-1] - h[:, 1:]) ** 2).mean(dim=(1, 2))
-                per_record.sum().backward()
-                optimizer.step()
-                loss_sum += float(per_record.mean().detach()) if len(x) else 0.0
-                report.steps += 1
-                report.records_seen += len(x)
-        if private is not None and dp is not None:
-            module = self._unwrap(private, dp, what, report.steps)
+
+        def next_step_loss(m: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                h = embedder(x, c)
+            return ((m(h)[:, :-1] - h[:, 1:]) ** 2).mean(dim=(1, 2))
+
+        module, loss_sum, report = self._train_per_record(
+            module, loader, "supervised", epochs=epochs, dp=dp, device=device, per_record_loss=next_step_loss
+        )
         self.supervisor, self.embedder = module.cpu(), embedder.train().cpu()
         report.extra["supervised-loss-sum"] = loss_sum
         return report
