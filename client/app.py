@@ -24,7 +24,12 @@ from flwr.common.constant import ErrorCode
 
 from client.data import CohortValidationError, load_cohort
 from client.node import NodeSettings, get_value, load_ledger, node_settings, save_ledger, set_value
-from client.tasks import TrainRequest, handshake_statistics, plan_noise_multiplier, train_round
+from client.tasks import (
+    TrainRequest,
+    handshake_statistics,
+    plan_noise_multiplier,
+    train_round,
+)
 from configs.settings import RunSettings, settings_from_run_config
 from models.encoder import EncoderError
 from privacy.ledger import BudgetExceededError
@@ -78,15 +83,21 @@ def handshake(message: Message, context: Context) -> Message:
         cohort = load_cohort(node.data_dir, schema)
         ledger = load_ledger(context, node)
         epsilon = settings.privacy.statistics_epsilon_share * node.max_epsilon
-        histograms = handshake_statistics(
-            cohort, schema, ledger=ledger, epsilon=epsilon, seed=_noise_seed(settings, node, 0)
+        with_moments = bool(message.content.config_records["config"].get("with-moments", False))
+        stats = handshake_statistics(
+            cohort,
+            schema,
+            ledger=ledger,
+            epsilon=epsilon,
+            seed=_noise_seed(settings, node, 0),
+            with_moments=with_moments,
         )
     except _REFUSALS as err:
         return _refuse(message, node, err)
     save_ledger(context, node, ledger)
     content = RecordDict(
         {
-            "histograms": ArrayRecord({k: Array(v) for k, v in histograms.items()}),
+            "histograms": ArrayRecord({k: Array(v) for k, v in stats.histograms.items()}),
             "metrics": MetricRecord(
                 {
                     "num-examples": cohort.n_patients,
@@ -98,6 +109,8 @@ def handshake(message: Message, context: Context) -> Message:
             NODE_INFO_KEY: _node_info(node, **{"schema-hash": schema.schema_hash()}),
         }
     )
+    if stats.moments is not None:
+        content["moments"] = ConfigRecord({"json": stats.moments.to_json()})
     return Message(content, reply_to=message)
 
 
@@ -108,16 +121,24 @@ def _train_request(config: ConfigRecord) -> TrainRequest:
         encoder_json=str(config["encoder"]),
         encoder_hash=str(config["encoder-hash"]),
         server_round=int(config["server-round"]),
-        total_rounds=int(config["total-rounds"]),
+        # this model's rounds over all its stages, minus those already run, this one included
+        rounds_remaining=int(config["model-rounds"])
+        - int(config["rounds-before"])
+        - int(config["server-round"])
+        + 1,
+        budget_share=float(config["budget-share"]),
         local_epochs=int(config["local-epochs"]),
         batch_size=int(config["batch-size"]),
         seed=int(config["seed"]),
+        phase=str(config.get("phase", "")),
+        moments_json=str(config.get("moments", "")),
     )
 
 
 @app.train("generator")
-def train_generator(message: Message, context: Context) -> Message:
-    """One round of local DP-SGD on the tabular generator; refuses past the node's budget."""
+@app.train("sequence")
+def train_model(message: Message, context: Context) -> Message:
+    """One round of local DP-SGD on a generator; refuses past the node's budget."""
     settings, node = _setup(context)
     request = _train_request(message.content.config_records["config"])
     state = OrderedDict(message.content.array_records["arrays"].to_torch_state_dict())

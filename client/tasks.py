@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +17,17 @@ from models.encoder import EncoderError, TabularEncoder
 from models.registry import get_model_class
 from models.runtime import resolve_device
 from models.statistics import Histograms, histogram_counts
-from privacy.facade import release_noisy_histograms, steps_per_epoch
+from models.timegan import SequenceEncoder, SequenceMoments, release_noisy_moments
+from privacy.facade import gaussian_noise_multiplier, release_noisy_histograms, steps_per_epoch
 from privacy.ledger import PrivacyLedger
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HandshakeStatistics:
+    histograms: Histograms
+    moments: SequenceMoments | None
 
 
 def handshake_statistics(
@@ -29,14 +37,37 @@ def handshake_statistics(
     ledger: PrivacyLedger,
     epsilon: float,
     seed: int | None,
-) -> Histograms:
-    """DP-noised histograms of every static column on the schema's public bins."""
-    return release_noisy_histograms(
-        histogram_counts(cohort.static, schema),
-        ledger=ledger,
-        epsilon=epsilon,
-        rng=np.random.default_rng(seed),
+    with_moments: bool,
+) -> HandshakeStatistics:
+    """DP histograms of every static column (+ DP sequence moments), costing `epsilon` in all.
+
+    k Gaussian releases with noise multiplier z * sqrt(k) cost, under RDP, exactly what one
+    release with z costs, so the statistics' share of the budget is split evenly between them.
+    """
+    releases = 2 if with_moments else 1
+    z = gaussian_noise_multiplier(epsilon=epsilon, delta=ledger.delta) * math.sqrt(releases)
+    ledger.check("handshake statistics", noise_multiplier=z, sample_rate=1.0, steps=releases)
+    rng = np.random.default_rng(seed)
+    histograms = release_noisy_histograms(
+        histogram_counts(cohort.static, schema), ledger=ledger, rng=rng, noise_multiplier=z
     )
+    moments = None
+    if with_moments:
+        moments = release_noisy_moments(
+            weeks_of(cohort, schema),
+            ledger=ledger,
+            noise_multiplier=z,
+            rng=rng,
+            what="handshake sequence moments",
+        )
+    return HandshakeStatistics(histograms, moments)
+
+
+def weeks_of(cohort: Cohort, schema: CohortSchema) -> np.ndarray:
+    """The cohort's weeks as (patients, days, channels) in [0, 1], rows aligned with `static`."""
+    if cohort.timeseries is None:
+        raise EncoderError("the schema declares no sequence, but a sequence model was asked for")
+    return SequenceEncoder.from_schema(schema).transform(cohort.timeseries, cohort.static[schema.id_column])
 
 
 @dataclass(frozen=True)
@@ -48,10 +79,13 @@ class TrainRequest:
     encoder_json: str
     encoder_hash: str
     server_round: int
-    total_rounds: int
+    rounds_remaining: int  # of this model, this round included: what the noise is planned over
+    budget_share: float  # share of the hospital's remaining epsilon this model may spend
     local_epochs: int
     batch_size: int
     seed: int
+    phase: str = ""  # TimeGAN phase; "" for a static-table model
+    moments_json: str = ""  # merged DP sequence moments for TimeGAN's moments loss
 
 
 def rebuild_encoder(request: TrainRequest, schema: CohortSchema) -> TabularEncoder:
@@ -65,13 +99,17 @@ def rebuild_encoder(request: TrainRequest, schema: CohortSchema) -> TabularEncod
 
 
 def plan_noise_multiplier(ledger: PrivacyLedger, *, n_records: int, request: TrainRequest) -> float:
-    """Sigma that spends what is left of the budget over every planned round of this model."""
+    """Sigma that lets this model's remaining rounds spend at most its share of what is left.
+
+    The target is cumulative (the ledger composes it with every earlier charge), and never
+    above the hospital's own max epsilon.
+    """
     per_epoch = steps_per_epoch(n_records, request.batch_size)
-    remaining_rounds = request.total_rounds - request.server_round + 1
+    spent = ledger.spent()
     return ledger.calibrate_noise_multiplier(
-        target_epsilon=ledger.max_epsilon,
+        target_epsilon=spent + min(1.0, request.budget_share) * (ledger.max_epsilon - spent),
         sample_rate=1.0 / per_epoch,
-        steps=remaining_rounds * request.local_epochs * per_epoch,
+        steps=request.rounds_remaining * request.local_epochs * per_epoch,
     )
 
 
@@ -91,17 +129,23 @@ def train_round(
     encoder = rebuild_encoder(request, schema)
     model = get_model_class(request.model_name)(encoder, request.model_params, seed=request.seed)
     model.load_state_dict(state)
-    report = model.fit(
-        encoder.transform(cohort.static),
-        epochs=request.local_epochs,
-        batch_size=request.batch_size,
-        dp=DPSpec(
-            noise_multiplier=noise_multiplier,
-            clipping_norm=settings.privacy.clipping_norm,
-            ledger=ledger,
-            label=f"{request.model_name} round {request.server_round}",
-        ),
-        device=resolve_device(device),
-        seed=seed if seed is not None else int(torch.seed() % 2**31),
+    dp = DPSpec(
+        noise_multiplier=noise_multiplier,
+        clipping_norm=settings.privacy.clipping_norm,
+        ledger=ledger,
+        label=f"{request.model_name} {request.phase} round {request.server_round}".replace("  ", " "),
     )
+    common = {
+        "epochs": request.local_epochs,
+        "batch_size": request.batch_size,
+        "dp": dp,
+        "device": resolve_device(device),
+        "seed": seed if seed is not None else int(torch.seed() % 2**31),
+    }
+    profiles = encoder.transform(cohort.static)
+    if getattr(model, "kind", "table") == "sequence":
+        moments = SequenceMoments.from_json(request.moments_json) if request.moments_json else None
+        report = model.fit(weeks_of(cohort, schema), profiles, phase=request.phase, moments=moments, **common)
+    else:
+        report = model.fit(profiles, **common)
     return model.state_dict(), report

@@ -22,6 +22,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SequenceRounds(_Section):
+    """Rounds of each TimeGAN phase, run in this order."""
+
+    embedding: int = Field(ge=0)
+    supervised: int = Field(ge=0)
+    joint: int = Field(ge=0)
+
+    def plan(self) -> list[tuple[str, int]]:
+        return [(phase, rounds) for phase, rounds in self.model_dump().items() if rounds > 0]
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.supervised + self.joint
+
+
 class FederationSettings(_Section):
     hospitals: int = Field(ge=1, le=1000)
     patients: int = Field(ge=10)
@@ -31,6 +46,7 @@ class FederationSettings(_Section):
     local_epochs: int = Field(ge=1)
     batch_size: int = Field(ge=2)
     seed: int = Field(ge=0)
+    sequence_rounds: SequenceRounds
     round_timeout_s: float = Field(gt=0)
     min_replies: int = Field(ge=1)
 
@@ -41,11 +57,13 @@ class PrivacySettings(_Section):
     delta: float = Field(gt=0, lt=1)
     clipping_norm: float = Field(gt=0)
     statistics_epsilon_share: float = Field(gt=0, lt=1)
+    sequence_epsilon_share: float = Field(ge=0, lt=1)
 
 
 class ModelSettings(_Section):
     model_config = ConfigDict(extra="allow", frozen=True)
     generator: str = Field(min_length=1)
+    sequence: str = ""
 
     def params_for(self, name: str) -> dict[str, Any]:
         """The raw `[model.<name>]` table (validated by that model's own config class)."""
@@ -79,18 +97,20 @@ class RunSettings(_Section):
     def _check_model_table(self) -> RunSettings:
         from models.registry import get_model_class  # local: configs must not import torch early
 
-        try:
-            model_class = get_model_class(self.model.generator)
-        except KeyError as err:
-            raise ValueError(f"model.generator: {err.args[0]}") from None
-        try:
-            model_class.Config.model_validate(self.model.params_for(self.model.generator))
-        except ValidationError as err:  # name the dotted key, e.g. model.dp-ctgan.generator_lr
-            problems = "; ".join(
-                f"model.{self.model.generator}.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                for e in err.errors()
-            )
-            raise ValueError(problems) from None
+        for key, name in (("generator", self.model.generator), ("sequence", self.model.sequence)):
+            if not name:
+                continue
+            try:
+                model_class = get_model_class(name)
+            except KeyError as err:
+                raise ValueError(f"model.{key}: {err.args[0]}") from None
+            try:
+                model_class.Config.model_validate(self.model.params_for(name))
+            except ValidationError as err:  # name the dotted key, e.g. model.dp-ctgan.generator_lr
+                problems = "; ".join(
+                    f"model.{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()
+                )
+                raise ValueError(problems) from None
         return self
 
     def load_schema(self) -> CohortSchema:
@@ -99,7 +119,11 @@ class RunSettings(_Section):
     def to_toml_dict(self) -> dict[str, Any]:
         """The settings as a TOML-shaped dict (round-trips through `settings_from_dict`)."""
         data = self.model_dump(mode="json", by_alias=True)
-        data["model"] = {"generator": self.model.generator, **(self.model.model_extra or {})}
+        data["model"] = {
+            "generator": self.model.generator,
+            "sequence": self.model.sequence,
+            **(self.model.model_extra or {}),
+        }
         return data
 
 
@@ -193,5 +217,9 @@ def _toml_literal(value: Any) -> str:
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{_toml_literal(str(k))} = {_toml_literal(v)}" for k, v in value.items()) + "}"
+        )
     # JSON strings, numbers and booleans are TOML too, except DEL, which TOML wants escaped.
     return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -30,7 +30,7 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
     # Flower and Ray are chatty: keep their warnings, and their info lines only with --verbose.
     quiet = logging.INFO if verbose else logging.WARNING
-    for name in ("flwr", "ray", "filelock"):
+    for name in ("flwr", "ray", "filelock", "alembic", "opacus"):
         logging.getLogger(name).setLevel(quiet)
     import flwr.common.logger  # noqa: F401  (Flower adds its console handler on import)
 
@@ -119,19 +119,26 @@ def simulate(
 def generate(
     model: Annotated[Path, typer.Option(help="Exported model bundle folder.")],
     n: Annotated[int, typer.Option("-n", min=1, help="Number of synthetic patients.")] = 10_000,
-    out: Annotated[Path, typer.Option(help="Output CSV file.")] = Path("synthetic.csv"),
+    out: Annotated[Path, typer.Option(help="Output CSV of static profiles.")] = Path("synthetic.csv"),
+    timeseries_out: Annotated[
+        Path | None, typer.Option(help="Output CSV of the linked weeks (default: <out>_timeseries.csv).")
+    ] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """Sample synthetic patients offline from an exported bundle (no federation needed)."""
     _setup_logging(False)
-    from models.bundle import load_bundle
+    from models.bundle import load_linked_bundle, sample_linked
     from privacy.storage import atomic_write_with
 
     with _user_errors():
-        sampler, card = load_bundle(model)
-    frame = sampler.sample(n, seed=seed)
-    atomic_write_with(out, lambda tmp: frame.to_csv(tmp, index=False))
-    console.print(f"wrote {len(frame)} synthetic patients from {card['name']} to {out}")
+        table, sequence, card = load_linked_bundle(model)
+    static, weeks = sample_linked(table, sequence, n, seed=seed)
+    atomic_write_with(out, lambda tmp: static.to_csv(tmp, index=False))
+    console.print(f"wrote {len(static)} synthetic patients from {card['name']} to {out}")
+    if weeks is not None:
+        weeks_path = timeseries_out or out.with_name(f"{out.stem}_timeseries.csv")
+        atomic_write_with(weeks_path, lambda tmp: weeks.to_csv(tmp, index=False))
+        console.print(f"wrote their linked weeks ({len(weeks)} daily rows) to {weeks_path}")
 
 
 @app.command()

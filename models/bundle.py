@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from safetensors.torch import load_file, save_file
 
 from configs.schema import CohortSchema
@@ -48,6 +49,30 @@ def save_bundle(folder: Path, *, model: Any, card: dict[str, Any]) -> dict[str, 
         }
         (staging / CARD_FILE).write_text(json.dumps(full_card, indent=2), encoding="utf-8")
     return full_card
+
+
+SEQUENCE_BUNDLE = "sequence"  # sub-folder holding the linked sequence model, when there is one
+
+
+def synthetic_ids(n: int) -> list[str]:
+    return [f"S{i:06d}" for i in range(1, n + 1)]
+
+
+def sample_linked(
+    table: Any, sequence: Any | None, n: int, *, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """`n` synthetic profiles with ids, and each one's week from the sequence model (if any)."""
+    static = table.sample(n, seed=seed)
+    static.insert(0, table.encoder.schema.id_column, synthetic_ids(n))
+    return static, (sequence.sample(static, seed=seed) if sequence is not None else None)
+
+
+def load_linked_bundle(folder: str | Path) -> tuple[Any, Any | None, dict[str, Any]]:
+    """The static model, the sequence model when the bundle carries one, and the static card."""
+    table, card = load_bundle(folder)
+    sequence_folder = Path(folder) / SEQUENCE_BUNDLE
+    sequence = load_bundle(sequence_folder)[0] if sequence_folder.is_dir() else None
+    return table, sequence, card
 
 
 def load_bundle(folder: str | Path) -> tuple[Any, dict[str, Any]]:

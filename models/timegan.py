@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -121,6 +122,18 @@ class SequenceMoments:
     def of(cls, x: np.ndarray) -> SequenceMoments:
         x = x.astype(np.float64)
         return cls(x.sum(axis=0), (x**2).sum(axis=0), float(len(x)))
+
+    def to_json(self) -> str:
+        return json.dumps({"sums": self.sums.tolist(), "squares": self.squares.tolist(), "count": self.count})
+
+    @classmethod
+    def from_json(cls, text: str) -> SequenceMoments:
+        data = json.loads(text)
+        return cls(
+            np.asarray(data["sums"], dtype=np.float64),
+            np.asarray(data["squares"], dtype=np.float64),
+            float(data["count"]),
+        )
 
     def merged(self, other: SequenceMoments) -> SequenceMoments:
         return SequenceMoments(self.sums + other.sums, self.squares + other.squares, self.count + other.count)

@@ -93,17 +93,32 @@ def gaussian_noise_multiplier(*, epsilon: float, delta: float) -> float:
 
 
 def release_noisy_histograms(
-    counts: Histograms, *, ledger: PrivacyLedger, epsilon: float, rng: np.random.Generator
+    counts: Histograms,
+    *,
+    ledger: PrivacyLedger,
+    rng: np.random.Generator,
+    epsilon: float | None = None,
+    noise_multiplier: float | None = None,
 ) -> Histograms:
     """Gaussian mechanism on all histograms at once, charged to the ledger.
 
+    Give either the release's `epsilon` (at the ledger's delta) or its noise multiplier.
     Adding or removing one patient changes one cell of each column's histogram by 1, so the
     L2 sensitivity of the whole release is sqrt(number of columns).
     """
-    z = gaussian_noise_multiplier(epsilon=epsilon, delta=ledger.delta)
-    ledger.check("handshake statistics", noise_multiplier=z, sample_rate=1.0, steps=1)
+    if (epsilon is None) == (noise_multiplier is None):
+        raise ValueError("give exactly one of epsilon or noise_multiplier")
+    z = (
+        noise_multiplier
+        if noise_multiplier is not None
+        else gaussian_noise_multiplier(
+            epsilon=epsilon,
+            delta=ledger.delta,  # type: ignore[arg-type]
+        )
+    )
+    ledger.check("handshake histograms", noise_multiplier=z, sample_rate=1.0, steps=1)
     sigma = z * math.sqrt(len(counts))
     noisy = {name: c + rng.normal(0.0, sigma, size=c.shape) for name, c in counts.items()}
-    ledger.charge_gaussian("handshake statistics", noise_multiplier=z)
+    ledger.charge_gaussian("handshake histograms", noise_multiplier=z)
     logger.info("released %d noisy histograms (sigma=%.2f counts)", len(counts), sigma)
     return noisy

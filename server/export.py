@@ -14,7 +14,7 @@ import pandas as pd
 
 from configs.settings import RunSettings
 from mindfed import __version__
-from models.bundle import save_bundle
+from models.bundle import SEQUENCE_BUNDLE, save_bundle
 from models.statistics import Histograms, column_shape_vs_reference, mean_score
 from privacy.storage import atomic_write_text, atomic_write_with
 from strategies.fedavg import RoundLog
@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_DIR = "bundle"
 SYNTHETIC_STATIC = Path("synthetic") / "static.csv"
+SYNTHETIC_TIMESERIES = Path("synthetic") / "timeseries.csv"
 METRICS_FILE = "metrics.json"
 
 
@@ -52,23 +53,26 @@ def _hospital_table(
     return sorted(table.values(), key=lambda h: h.hospital)
 
 
-def _round_rows(rounds: list[RoundLog], round_scores: dict[int, float]) -> list[dict[str, Any]]:
+def _round_rows(rounds: list[RoundLog], stage_scores: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
     rows = []
     for log in rounds:
-        seen = sum(float(e.get("records-seen", 0)) for e in log.accepted)
         steps = sum(float(e.get("steps", 0)) for e in log.accepted)
+        # sums over hospitals divided by their counts: mergeable, not pre-averaged
+        losses = {
+            key.removesuffix("-sum").replace("-", "_"): sum(float(e.get(key, 0)) for e in log.accepted)
+            / max(steps, 1)
+            for key in sorted({k for e in log.accepted for k in e if str(k).endswith("-loss-sum")})
+        }
         rows.append(
             {
+                "stage": log.stage,
                 "round": log.server_round,
                 "aggregated": log.aggregated,
                 "hospitals": [e["hospital"] for e in log.accepted],
                 "rejected": log.rejected,
-                "column_shape_vs_dp_reference": round_scores.get(log.server_round),
-                # sums over hospitals divided by their counts: mergeable, not pre-averaged
-                "discriminator_loss": sum(e.get("discriminator-loss-sum", 0) for e in log.accepted)
-                / max(steps, 1),
-                "generator_loss": sum(e.get("generator-loss-sum", 0) for e in log.accepted) / max(steps, 1),
-                "records_seen": seen,
+                "score": stage_scores.get(log.stage, {}).get(log.server_round),
+                **losses,
+                "records_seen": sum(float(e.get("records-seen", 0)) for e in log.accepted),
             }
         )
     return rows
@@ -78,15 +82,17 @@ def export_run(
     out_dir: Path,
     *,
     model: Any,
+    sequence_model: Any | None,
     settings: RunSettings,
     synthetic: pd.DataFrame,
+    timeseries: pd.DataFrame | None,
     handshake_hospitals: dict[int, HospitalSummary],
     refusals: list[dict[str, Any]],
     rounds: list[RoundLog],
-    round_scores: dict[int, float],
+    stage_scores: dict[str, dict[int, float]],
     reference: Histograms,
 ) -> dict[str, Any]:
-    """Write bundle/, synthetic/static.csv and metrics.json under `out_dir`; return the metrics."""
+    """Write bundle/, synthetic/ (static.csv, timeseries.csv) and metrics.json; return the metrics."""
     out_dir = Path(out_dir)
     schema = model.encoder.schema
     per_column = column_shape_vs_reference(synthetic, reference, schema)
@@ -112,8 +118,13 @@ def export_run(
             ],
         },
         "training": {
-            "rounds": len(rounds),
-            "rounds_aggregated": sum(log.aggregated for log in rounds),
+            "stages": {
+                stage: {
+                    "rounds": sum(log.stage == stage for log in rounds),
+                    "rounds_aggregated": sum(log.aggregated for log in rounds if log.stage == stage),
+                }
+                for stage in dict.fromkeys(log.stage for log in rounds)
+            },
             "local_epochs": settings.federation.local_epochs,
             "batch_size": settings.federation.batch_size,
             "hospitals": len(hospitals),
@@ -121,12 +132,20 @@ def export_run(
         "metrics": final,
     }
     card = save_bundle(out_dir / BUNDLE_DIR, model=model, card=card)
+    if sequence_model is not None:
+        save_bundle(
+            out_dir / BUNDLE_DIR / SEQUENCE_BUNDLE,
+            model=sequence_model,
+            card={**card, "name": f"mindfed-{sequence_model.registry_name}"},
+        )
     atomic_write_with(out_dir / SYNTHETIC_STATIC, lambda tmp: synthetic.to_csv(tmp, index=False))
+    if timeseries is not None:
+        atomic_write_with(out_dir / SYNTHETIC_TIMESERIES, lambda tmp: timeseries.to_csv(tmp, index=False))
     metrics = {
         "final": final,
         "hospitals": hospitals,
         "handshake_refusals": refusals,
-        "rounds": _round_rows(rounds, round_scores),
+        "rounds": _round_rows(rounds, stage_scores),
         "bundle": {
             "path": BUNDLE_DIR,
             "encoder_hash": card["encoder_hash"],

@@ -25,6 +25,7 @@ class RoundLog:
 
     server_round: int
     accepted: list[dict] = field(default_factory=list)
+    stage: str = ""
     rejected: list[dict] = field(default_factory=list)
     aggregated: bool = False
 

@@ -47,6 +47,7 @@ RUN_OVERRIDES = " ".join(
         "model.dp-ctgan.generator_dims=[16]",
         "model.dp-ctgan.discriminator_dims=[16]",
         "model.dp-ctgan.embedding_dim=8",
+        "model.sequence=''",  # no TimeGAN phases: they would add rounds beyond the time budget
     ]
 )
 # Without these Flower phones home and builds a per-app environment (pulling CUDA torch).
@@ -268,6 +269,20 @@ class Federation:
         assert payload["success"], payload
         return {str(node["node-id"]): node["status"] for node in payload["nodes"]}
 
+    def start_run(self, name: str, out_dir: Path) -> Proc:
+        """`flwr run . <connection> --stream` from the repository root, as the coordinator."""
+        run_config = f'overrides="{RUN_OVERRIDES}" out-dir="{out_dir}"'
+        return self.procs.start(
+            name,
+            [_tool("flwr"), "run", ".", CONNECTION, "--run-config", run_config, "--stream"],
+            cwd=REPO,
+            env={"FLWR_HOME": str(self.coordinator_home)},
+        )
+
+    def context(self, *extra: Proc) -> str:
+        procs = (*extra, self.superlink, *self.nodes.values())
+        return "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in procs)
+
     def start_supernode(
         self,
         name: str,
@@ -401,19 +416,10 @@ class RunResult:
 @pytest.fixture(scope="module")
 def finished_run(federation: Federation) -> RunResult:
     out_dir = federation.root / "out"
-    run_config = f'overrides="{RUN_OVERRIDES}" out-dir="{out_dir}"'
-    run = federation.procs.start(
-        "flwr-run",
-        [_tool("flwr"), "run", ".", CONNECTION, "--run-config", run_config, "--stream"],
-        cwd=REPO,
-        env={"FLWR_HOME": str(federation.coordinator_home)},
-    )
+    run = federation.start_run("flwr-run", out_dir)
 
     def context() -> str:
-        parts = [
-            f"--- {p.name}\n{p.tail(15)}" for p in (run, federation.superlink, *federation.nodes.values())
-        ]
-        return "\n".join(parts)
+        return federation.context(run)
 
     def reached(condition: Callable[[], bool]) -> Callable[[], bool]:
         def check() -> bool:
@@ -560,3 +566,23 @@ def test_ledger_persists_in_state_dir(federation: Federation, finished_run: RunR
         assert ledger.spent() == pytest.approx(reported[hospital]["epsilon"], rel=1e-6)
         assert 0 < ledger.spent() <= MAX_EPSILON + 1e-9
         assert any(re.fullmatch(r"dp-ctgan round \d+", e["what"]) for e in stored["entries"])
+
+
+@pytest.mark.deployment
+def test_spent_budget_in_state_dir_refuses_the_next_run(
+    federation: Federation, finished_run: RunResult
+) -> None:
+    """The persisted ledger is the one the node uses: a second run finds every budget spent."""
+    ledgers = {h: (federation.state_dir(h) / "ledger.json").read_bytes() for h in HOSPITALS}
+    out_dir = federation.root / "out-second"
+    run = federation.start_run("flwr-run-second", out_dir)
+    try:
+        run.popen.wait(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"second `flwr run` did not finish\n{federation.context(run)}")
+    # `flwr run --stream` returns 0 even when the ServerApp fails, so judge by what it logged.
+    log = run.text()
+    for hospital in HOSPITALS:
+        assert re.search(rf"{hospital}: refused: .*above its max epsilon", log), federation.context(run)
+        assert (federation.state_dir(hospital) / "ledger.json").read_bytes() == ledgers[hospital]
+    assert not (out_dir / "metrics.json").exists()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from configs.schema import load_schema
 from configs.settings import load_settings
 from mindfed.cli import app
-from models.bundle import load_bundle
+from models.bundle import load_linked_bundle, sample_linked
 from simulation.runner import prepare_demo_cohort, simulate
 
 pytestmark = pytest.mark.integration
@@ -27,6 +27,9 @@ TINY = {
     "model.dp-ctgan.generator_dims": [32],
     "model.dp-ctgan.discriminator_dims": [32],
     "model.dp-ctgan.embedding_dim": 16,
+    "model.timegan.hidden_dim": 8,
+    "model.timegan.num_layers": 1,
+    "federation.sequence_rounds": {"embedding": 1, "supervised": 1, "joint": 1},
 }
 
 
@@ -41,12 +44,23 @@ def test_run_exports_bundle_synthetic_table_and_metrics(tiny_run) -> None:
     schema = load_schema()
     synthetic = pd.read_csv(out / "synthetic" / "static.csv")
     assert len(synthetic) == TINY["export.synthetic_rows"]
-    assert list(synthetic.columns) == schema.column_names
+    assert list(synthetic.columns) == [schema.id_column, *schema.column_names]
+    weeks = pd.read_csv(out / "synthetic" / "timeseries.csv")
+    assert schema.sequence is not None
+    assert len(weeks) == len(synthetic) * schema.sequence.length
+    assert set(weeks[schema.id_column]) == set(synthetic[schema.id_column])  # every profile has its week
     card = json.loads((out / "bundle" / "model_card.json").read_text())
-    assert card["training"]["rounds_aggregated"] == TINY["federation.rounds"]
+    stages = card["training"]["stages"]
+    assert stages["dp-ctgan"]["rounds_aggregated"] == TINY["federation.rounds"]
+    assert [k for k in stages if k.startswith("timegan")] == [
+        "timegan embedding",
+        "timegan supervised",
+        "timegan joint",
+    ]
+    assert (out / "bundle" / "sequence" / "model_card.json").is_file()
     assert {h["hospital"] for h in card["privacy"]["hospitals"]} == {"hospital-1", "hospital-2"}
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert [(r["stage"], r["round"]) for r in metrics["rounds"]][:2] == [("dp-ctgan", 1), ("dp-ctgan", 2)]
     assert all(r["aggregated"] and not r["rejected"] for r in metrics["rounds"])
     assert 0.0 <= metrics["demo_check"]["column_shape_vs_real"] <= 1.0
 
@@ -54,7 +68,7 @@ def test_run_exports_bundle_synthetic_table_and_metrics(tiny_run) -> None:
 def test_every_hospital_epsilon_is_the_accountants_and_within_budget(tiny_run) -> None:
     max_epsilon = load_settings().privacy.max_epsilon
     for hospital in tiny_run.metrics["hospitals"]:
-        assert hospital["rounds_trained"] == TINY["federation.rounds"]
+        assert hospital["rounds_trained"] == TINY["federation.rounds"] + 3  # + one round per TimeGAN phase
         # the noise was calibrated to spend the budget: close to, never above, the max
         assert max_epsilon * 0.95 <= hospital["epsilon"] <= max_epsilon + 1e-9
 
@@ -67,13 +81,15 @@ def test_generate_from_exported_bundle(tiny_run, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(target)
     assert len(frame) == 250
-    model, _ = load_bundle(tiny_run.out_dir / "bundle")
-    expected = model.sample(250, seed=0)
-    pd.testing.assert_frame_equal(frame, expected, check_dtype=False, atol=1e-9)
+    table, sequence, _ = load_linked_bundle(tiny_run.out_dir / "bundle")
+    expected_static, expected_weeks = sample_linked(table, sequence, 250, seed=0)
+    pd.testing.assert_frame_equal(frame, expected_static, check_dtype=False, atol=1e-9)
+    weeks = pd.read_csv(tmp_path / "more_timeseries.csv")
+    pd.testing.assert_frame_equal(weeks, expected_weeks, check_dtype=False, atol=1e-6)
 
 
 def test_hospital_with_invalid_data_is_refused_and_run_goes_on(tmp_path: Path) -> None:
-    overrides = {**TINY, "federation.hospitals": 3, "federation.rounds": 1}
+    overrides = {**TINY, "federation.hospitals": 3, "federation.rounds": 1, "model.sequence": ""}
     cohort_dir = tmp_path / "cohort"
     prepare_demo_cohort(load_settings(None, overrides), cohort_dir)
     broken = cohort_dir / "hospital-2" / "static.csv"
