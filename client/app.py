@@ -8,6 +8,7 @@ import warnings
 import zlib
 from collections import OrderedDict
 
+import numpy as np
 import torch
 from flwr.app import (
     Array,
@@ -22,12 +23,14 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from client.data import CohortValidationError, load_cohort
+from client.data import Cohort, CohortValidationError, load_cohort, split_holdout
 from client.node import NodeSettings, get_value, load_ledger, node_settings, save_ledger, set_value
 from client.tasks import (
     TrainRequest,
+    audit_answers,
     handshake_statistics,
     plan_noise_multiplier,
+    rebuild_encoder_from,
     train_round,
 )
 from configs.settings import RunSettings, settings_from_run_config
@@ -52,6 +55,13 @@ def _setup(context: Context) -> tuple[RunSettings, NodeSettings]:
     node = node_settings(context, settings)
     torch.set_num_threads(settings.runtime.threads_per_client)
     return settings, node
+
+
+def _split_cohort(settings: RunSettings, node: NodeSettings) -> tuple[Cohort, Cohort]:
+    """Validated local data as (members, held-out non-members); only members are ever trained on."""
+    schema = settings.load_schema()
+    cohort = load_cohort(node.data_dir, schema)
+    return split_holdout(cohort, share=settings.audit.holdout_share, id_column=schema.id_column)
 
 
 def _noise_seed(settings: RunSettings, node: NodeSettings, salt: int) -> int | None:
@@ -80,7 +90,7 @@ def handshake(message: Message, context: Context) -> Message:
     try:
         if announced != schema.schema_hash():
             raise EncoderError("the server's cohort schema differs from this node's (schema hash)")
-        cohort = load_cohort(node.data_dir, schema)
+        cohort, _ = _split_cohort(settings, node)
         ledger = load_ledger(context, node)
         epsilon = settings.privacy.statistics_epsilon_share * node.max_epsilon
         with_moments = bool(message.content.config_records["config"].get("with-moments", False))
@@ -98,6 +108,7 @@ def handshake(message: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "histograms": ArrayRecord({k: Array(v) for k, v in stats.histograms.items()}),
+            "pairs": ArrayRecord({k: Array(v) for k, v in stats.pairs.items()}),
             "metrics": MetricRecord(
                 {
                     "num-examples": cohort.n_patients,
@@ -132,6 +143,7 @@ def _train_request(config: ConfigRecord) -> TrainRequest:
         seed=int(config["seed"]),
         phase=str(config.get("phase", "")),
         moments_json=str(config.get("moments", "")),
+        lr_multiplier=float(config.get("lr-multiplier", 1.0)),
     )
 
 
@@ -143,7 +155,7 @@ def train_model(message: Message, context: Context) -> Message:
     request = _train_request(message.content.config_records["config"])
     state = OrderedDict(message.content.array_records["arrays"].to_torch_state_dict())
     try:
-        cohort = load_cohort(node.data_dir, settings.load_schema())
+        cohort, _ = _split_cohort(settings, node)
         ledger = load_ledger(context, node)
         sigma_key = f"sigma.{request.model_name}"
         sigma = get_value(context, sigma_key)
@@ -168,6 +180,46 @@ def train_model(message: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(OrderedDict(new_state)),
             "metrics": MetricRecord(metrics),
+            NODE_INFO_KEY: _node_info(node),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+@app.query("audit")
+def audit(message: Message, context: Context) -> Message:
+    """DCR and membership-inference attacks on this hospital's members vs its held-out records.
+
+    The server sends an encoded synthetic sample; the answer holds aggregates and counts only.
+    """
+    settings, node = _setup(context)
+    config = message.content.config_records["config"]
+    try:
+        encoder = rebuild_encoder_from(
+            str(config["encoder"]), str(config["encoder-hash"]), settings.load_schema()
+        )
+        members, holdout = _split_cohort(settings, node)
+        synthetic = message.content.array_records["synthetic"]["encoded"].numpy()
+        if synthetic.ndim != 2 or synthetic.shape[1] != encoder.width or not np.isfinite(synthetic).all():
+            raise EncoderError(f"synthetic sample has shape {synthetic.shape}, expected (n, {encoder.width})")
+        answers = audit_answers(
+            members,
+            holdout,
+            synthetic.astype(np.float32),
+            encoder,
+            n_bootstrap=settings.audit.bootstrap,
+            seed=settings.federation.seed,
+        )
+    except _REFUSALS as err:
+        return _refuse(message, node, err)
+    ledger = load_ledger(context, node)
+    content = RecordDict(
+        {
+            "audit": MetricRecord(
+                {"num-examples": members.n_patients, "num-holdout": holdout.n_patients, **answers}
+            ),
+            # the charges themselves (mechanism, sigma, sample rate, steps, epsilon after): no data
+            "ledger": ConfigRecord({"json": json.dumps([e.model_dump() for e in ledger.entries])}),
             NODE_INFO_KEY: _node_info(node),
         }
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,3 +261,23 @@ def load_cohort(folder: str | Path, schema: CohortSchema) -> Cohort:
         timeseries = timeseries.sort_values([schema.id_column, schema.sequence.day_column])  # type: ignore[union-attr]
         timeseries = timeseries.reset_index(drop=True)
     return Cohort(static=static.reset_index(drop=True), timeseries=timeseries)
+
+
+def split_holdout(cohort: Cohort, *, share: float, id_column: str) -> tuple[Cohort, Cohort]:
+    """Members (trained on) and held-out non-members, by a hash of each patient id.
+
+    The split depends on the id alone, so it is the same every round, restart and run, and a
+    held-out patient never reaches training, statistics or the encoder.
+    """
+    ids = cohort.static[id_column].astype(str)
+    digest = ids.map(lambda pid: int.from_bytes(hashlib.sha256(pid.encode()).digest()[:8], "big") / 2**64)
+    held = (digest < share).to_numpy()
+    return _subset(cohort, ~held, id_column), _subset(cohort, held, id_column)
+
+
+def _subset(cohort: Cohort, rows: np.ndarray, id_column: str) -> Cohort:
+    static = cohort.static[rows].reset_index(drop=True)
+    if cohort.timeseries is None:
+        return Cohort(static=static, timeseries=None)
+    keep = cohort.timeseries[id_column].isin(set(static[id_column]))
+    return Cohort(static=static, timeseries=cohort.timeseries[keep].reset_index(drop=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -14,10 +14,12 @@ from configs.schema import CohortSchema
 from configs.settings import RunSettings
 from models.ctgan_dp import DPSpec, FitReport
 from models.encoder import EncoderError, TabularEncoder
+from models.pairs import pair_counts
 from models.registry import get_model_class
 from models.runtime import resolve_device
 from models.statistics import Histograms, histogram_counts
 from models.timegan import SequenceEncoder, SequenceMoments, release_noisy_moments
+from privacy.attacks import dcr_overfitting_protection, run_membership_attacks
 from privacy.facade import gaussian_noise_multiplier, release_noisy_histograms, steps_per_epoch
 from privacy.ledger import PrivacyLedger
 
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class HandshakeStatistics:
     histograms: Histograms
+    pairs: Histograms
     moments: SequenceMoments | None
 
 
@@ -39,17 +42,20 @@ def handshake_statistics(
     seed: int | None,
     with_moments: bool,
 ) -> HandshakeStatistics:
-    """DP histograms of every static column (+ DP sequence moments), costing `epsilon` in all.
+    """DP histograms of every column and column pair (+ DP sequence moments), `epsilon` in all.
 
     k Gaussian releases with noise multiplier z * sqrt(k) cost, under RDP, exactly what one
     release with z costs, so the statistics' share of the budget is split evenly between them.
     """
-    releases = 2 if with_moments else 1
+    releases = 3 if with_moments else 2
     z = gaussian_noise_multiplier(epsilon=epsilon, delta=ledger.delta) * math.sqrt(releases)
     ledger.check("handshake statistics", noise_multiplier=z, sample_rate=1.0, steps=releases)
     rng = np.random.default_rng(seed)
     histograms = release_noisy_histograms(
         histogram_counts(cohort.static, schema), ledger=ledger, rng=rng, noise_multiplier=z
+    )
+    pairs = release_noisy_histograms(
+        pair_counts(cohort.static, schema), ledger=ledger, rng=rng, noise_multiplier=z
     )
     moments = None
     if with_moments:
@@ -60,7 +66,7 @@ def handshake_statistics(
             rng=rng,
             what="handshake sequence moments",
         )
-    return HandshakeStatistics(histograms, moments)
+    return HandshakeStatistics(histograms, pairs, moments)
 
 
 def weeks_of(cohort: Cohort, schema: CohortSchema) -> np.ndarray:
@@ -85,16 +91,19 @@ class TrainRequest:
     batch_size: int
     seed: int
     phase: str = ""  # TimeGAN phase; "" for a static-table model
+    lr_multiplier: float = 1.0  # SA-DQC's learning-rate adjustment after a rollback
     moments_json: str = ""  # merged DP sequence moments for TimeGAN's moments loss
 
 
 def rebuild_encoder(request: TrainRequest, schema: CohortSchema) -> TabularEncoder:
+    return rebuild_encoder_from(request.encoder_json, request.encoder_hash, schema)
+
+
+def rebuild_encoder_from(encoder_json: str, announced_hash: str, schema: CohortSchema) -> TabularEncoder:
     """The server's encoder, refused unless its hash matches what the server announced."""
-    encoder = TabularEncoder.from_json(request.encoder_json, schema)
-    if encoder.hash != request.encoder_hash:
-        raise EncoderError(
-            f"encoder hash mismatch: announced {request.encoder_hash[:12]}, got {encoder.hash[:12]}"
-        )
+    encoder = TabularEncoder.from_json(encoder_json, schema)
+    if encoder.hash != announced_hash:
+        raise EncoderError(f"encoder hash mismatch: announced {announced_hash[:12]}, got {encoder.hash[:12]}")
     return encoder
 
 
@@ -127,7 +136,11 @@ def train_round(
     """Load the global weights, train locally with DP-SGD, return new weights + report."""
     schema = settings.load_schema()
     encoder = rebuild_encoder(request, schema)
-    model = get_model_class(request.model_name)(encoder, request.model_params, seed=request.seed)
+    params = {
+        key: value * request.lr_multiplier if key.endswith("_lr") or key == "learning_rate" else value
+        for key, value in request.model_params.items()
+    }
+    model = get_model_class(request.model_name)(encoder, params, seed=request.seed)
     model.load_state_dict(state)
     dp = DPSpec(
         noise_multiplier=noise_multiplier,
@@ -149,3 +162,39 @@ def train_round(
     else:
         report = model.fit(profiles, **common)
     return model.state_dict(), report
+
+
+def audit_answers(
+    members: Cohort,
+    holdout: Cohort,
+    synthetic: np.ndarray,
+    encoder: TabularEncoder,
+    *,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, float | list[float]]:
+    """DCR and membership-inference attacks on this hospital's own members vs non-members.
+
+    Only aggregates leave: scores, counts, histogram counts on fixed bins and ROC curves on a
+    fixed FPR grid; never a record or a per-record score. The held-out records are split in
+    two: candidates (non-members) and the attacker's population reference.
+    """
+    train = encoder.transform(members.static)
+    held = encoder.transform(holdout.static)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(held))
+    nonmembers, reference = held[order[: len(held) // 2]], held[order[len(held) // 2 :]]
+    answers: dict[str, float | list[float]] = {}
+    dcr = dcr_overfitting_protection(train, held, synthetic, seed=seed)
+    for key, value in asdict(dcr).items():
+        answers[f"dcr/{key}"] = list(map(float, value)) if isinstance(value, tuple) else float(value)
+    for attack in run_membership_attacks(
+        train, nonmembers, synthetic, reference, seed=seed, n_bootstrap=n_bootstrap
+    ):
+        for key, value in asdict(attack).items():
+            if key == "name":
+                continue
+            answers[f"attack/{attack.name}/{key}"] = (
+                list(map(float, value)) if isinstance(value, tuple) else float(value)
+            )
+    return answers

@@ -71,6 +71,27 @@ class ModelSettings(_Section):
         return dict(extra.get(name, {}))
 
 
+class SADQCSettings(_Section):
+    initial_threshold: float = Field(gt=0, le=1)
+    min_threshold: float = Field(gt=0, le=1)
+    tighten_factor: float = Field(gt=0)
+    lr_decay: float = Field(gt=0, lt=1)
+    min_lr_multiplier: float = Field(gt=0, le=1)
+    patience: int = Field(ge=1)
+    max_extra_local_epochs: int = Field(ge=0)
+    contamination: float = Field(ge=0, lt=0.5)
+
+
+class AuditSettings(_Section):
+    holdout_share: float = Field(gt=0, lt=1)
+    synthetic_rows: int = Field(ge=10)
+    bootstrap: int = Field(ge=10)
+    max_attack_auc: float = Field(ge=0, le=1)
+    max_attack_auc_ci_high: float = Field(ge=0, le=1)
+    max_tpr_at_1pct_fpr: float = Field(ge=0, le=1)
+    min_dcr_protection: float = Field(ge=0, le=1)
+
+
 class RuntimeSettings(_Section):
     device: Literal["auto", "cpu", "cuda"]
     threads_per_client: int = Field(ge=1, le=256)
@@ -89,6 +110,8 @@ class RunSettings(_Section):
     privacy: PrivacySettings
     model: ModelSettings
     runtime: RuntimeSettings
+    sadqc: SADQCSettings
+    audit: AuditSettings
     export: ExportSettings
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -1,9 +1,10 @@
-"""TimeGAN-style fidelity of synthetic daily weeks against a hospital's real weeks, as mergeable aggregates."""
+"""TimeGAN-style fidelity of synthetic daily weeks against a hospital's real ones, as mergeable aggregates."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,24 @@ class _NextDayPredictor(nn.Module):
         return torch.sigmoid(self.head(out))
 
 
+@contextlib.contextmanager
+def _seeded_single_thread(seed: int) -> Iterator[None]:
+    """Seeded weight init that leaves the caller's global torch stream where it was, on one thread.
+
+    The nets are tiny (batches of 128-256 weeks x 7 days x 16 units): extra intra-op threads only add
+    synchronisation, and on a busy host (federated training beside the metrics) the spinning
+    threads made a 1 s fit take a minute. The caller's thread count is restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator)
     return list(order.split(batch_size))
@@ -143,9 +162,7 @@ def discriminative_score(
     x_test = torch.from_numpy(np.concatenate([real_test, syn_test]).astype(np.float32))
     y_test = torch.cat([torch.ones(n - n_train), torch.zeros(n - n_train)])
 
-    # fork_rng: seeding for the weight init must not move the caller's global torch stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded_single_thread(seed):
         model = _LastStepClassifier(real.shape[2], hidden)
         optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
         shuffle = torch.Generator().manual_seed(seed)
@@ -185,8 +202,7 @@ def predictive_score(
     if real.shape[1] < 2:
         raise ValueError("one-step-ahead prediction needs weeks of at least 2 days")
     syn = torch.from_numpy(synthetic.astype(np.float32))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded_single_thread(seed):
         model = _NextDayPredictor(real.shape[2], hidden)
         optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
         shuffle = torch.Generator().manual_seed(seed)
@@ -313,6 +329,9 @@ def evaluate_sequences(
 
     Link metrics need both static tables; without them they are left out.
     """
+    if (real_static is None) != (syn_static is None):
+        # One side alone would silently drop the link metrics: almost surely a wiring mistake.
+        raise ValueError("pass both static tables (link metrics) or neither")
     real_seq, syn_seq = _check_sequences(real_seq, syn_seq)
     names = _channel_names(channels, real_seq.shape[2])
     out: dict[str, float] = {"n-real": float(len(real_seq)), "n-synthetic": float(len(syn_seq))}

@@ -250,12 +250,18 @@ class TimeGAN:
         learning_rate: float = Field(default=1e-3, gt=0, le=1)
         discriminator_lr: float = Field(default=1e-3, gt=0, le=1)
         generator_steps: int = Field(default=2, ge=1, le=10)
+        # Generator Adam learning rate; None: learning_rate. The generator's update is
+        # post-processing (no real record reaches it), so its steps cost no privacy budget.
+        generator_lr: float | None = Field(default=None, gt=0, le=1)
         # Weight of D's verdict on the generator's raw latents (TimeGAN's gamma).
         gamma: float = Field(default=1.0, ge=0)
         # Weight of the next-day consistency of generated latents under the DP-trained supervisor.
         supervised_weight: float = Field(default=10.0, ge=0)
         # Weight of the per-(day, channel) |mean| + |std| gap (TimeGAN's moments loss).
         moments_weight: float = Field(default=100.0, ge=0)
+        # Weight of the mismatched pairs in D's loss: a record's real week paired with a public
+        # stand-in profile, labelled fake, so D judges whether a week fits its profile.
+        mismatch_weight: float = Field(default=1.0, ge=0)
         # Sigma / sensitivity of the local noisy-moments release under DP when no moments are given.
         moments_noise_multiplier: float = Field(default=10.0, gt=0)
 
@@ -273,7 +279,9 @@ class TimeGAN:
         self.supervisor = prepare_module(RecurrentNet(h, 0, h, h, max(1, layers - 1), sigmoid=True))
         self.discriminator = prepare_module(RecurrentNet(h, self.cond_dim, h, 1, layers, sigmoid=False))
         # The generator is never privatised, so it keeps the fast (cuDNN) nn.GRU.
-        self.generator = RecurrentNet(self.config.noise_dim, self.cond_dim, h, h, layers, sigmoid=True)
+        # Linear output head: a sigmoid here saturated and collapsed the generated weeks (the
+        # DP-trained supervisor and recovery take any real-valued latent).
+        self.generator = RecurrentNet(self.config.noise_dim, self.cond_dim, h, h, layers, sigmoid=False)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -530,7 +538,7 @@ class TimeGAN:
             m.to(device).eval() for m in (self.embedder, self.supervisor, self.recovery)
         )
         discriminator: nn.Module = self.discriminator.to(device).train()
-        opt_g = torch.optim.Adam(generator.parameters(), lr=self.config.learning_rate)
+        opt_g = torch.optim.Adam(generator.parameters(), lr=self.config.generator_lr or self.config.learning_rate)
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=self.config.discriminator_lr)
         private = (
             self._privatise(discriminator, opt_d, loader, dp, what, epochs, checked=release) if dp else None
@@ -544,7 +552,7 @@ class TimeGAN:
                 for x, c in loader:
                     x, c = x.to(device), c.to(device)
                     report.discriminator_loss_sum += self._discriminator_step(
-                        discriminator, opt_d, x, c, noise_gen
+                        discriminator, opt_d, x, c, noise_gen, rng
                     )
                     for _ in range(self.config.generator_steps):
                         g_cond, g_target = self._generator_inputs(x, c, target, dp, batch_size, rng)
@@ -623,7 +631,14 @@ class TimeGAN:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         if moments is None:
             return None
-        mean, std = moments.mean_std()
+        # Per-(day, channel) means, but one std per channel pooled over the days: the squares'
+        # noise then averages over `length` cells (a per-cell variance is mostly noise for the
+        # narrow channels), and the pooled spread is what the marginal (KS) shape depends on.
+        mean, _ = moments.mean_std()
+        cells = max(moments.count, 1.0) * moments.sums.shape[0]
+        pooled_mean = np.clip(moments.sums.sum(axis=0) / cells, 0.0, 1.0)
+        pooled_var = np.clip(moments.squares.sum(axis=0) / cells - pooled_mean**2, 1e-6, 0.25)
+        std = np.sqrt(pooled_var).astype(np.float32)
         return torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device)
 
     def _discriminator_step(
@@ -633,19 +648,31 @@ class TimeGAN:
         x: torch.Tensor,
         c: torch.Tensor,
         noise_gen: torch.Generator,
+        rng: np.random.Generator,
     ) -> float:
-        """One DP step; record i's unit is its real week plus two fakes drawn for its profile.
+        """One DP step; record i's unit is its real week plus two fakes drawn for its profile, plus
+        its real week paired with a public stand-in profile (labelled fake).
 
-        Opacus accumulates the per-sample gradients of the three D calls at index i, so
-        clipping bounds record i's whole influence (its profile enters the fakes too).
+        Opacus accumulates the per-sample gradients of the four D calls at index i, so clipping
+        bounds record i's whole influence (its profile enters the fakes too). The mismatched pair
+        uses a public profile, not another record's: pairing with a batch neighbour's profile would
+        put record j into record i's clipped unit and double j's sensitivity. That pair teaches D
+        the conditional link, which is the only way the generator (fed public profiles) learns it.
         """
         opt_d.zero_grad(set_to_none=True)
         with torch.no_grad():
             h_real = self.embedder(x, c)
             e_hat = self.generator(self._noise(len(x), noise_gen, x.device), c)
             h_hat = self.supervisor(e_hat)
+        mismatch = 0.0
+        if self.config.mismatch_weight > 0:
+            c_pub = torch.from_numpy(self.public_conditions(len(x), rng)).to(x.device)
+            mismatch = self.config.mismatch_weight * _per_record_bce(
+                discriminator(h_real, c_pub).squeeze(-1), 0.0
+            )
         per_record = (
-            _per_record_bce(discriminator(h_real, c).squeeze(-1), 1.0)
+            mismatch
+            + _per_record_bce(discriminator(h_real, c).squeeze(-1), 1.0)
             + _per_record_bce(discriminator(h_hat, c).squeeze(-1), 0.0)
             + self.config.gamma * _per_record_bce(discriminator(e_hat, c).squeeze(-1), 0.0)
         )
@@ -728,7 +755,7 @@ class TimeGAN:
 
 
 def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(day, channel) mean and (population) std over the batch."""
-    mean = x.mean(dim=0)
+    """Per-(day, channel) mean over the batch and per-channel (population) std over batch and days."""
+    pooled = x.mean(dim=(0, 1))
     # The epsilon keeps the gradient of sqrt finite where a generated batch has no spread.
-    return mean, (((x - mean) ** 2).mean(dim=0) + 1e-8).sqrt()
+    return x.mean(dim=0), (((x - pooled) ** 2).mean(dim=(0, 1)) + 1e-8).sqrt()

@@ -46,11 +46,12 @@ def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
 
 
 @contextmanager
-def atomic_directory(path: Path) -> Iterator[Path]:
+def atomic_directory(path: Path, *, mode: int = 0o755) -> Iterator[Path]:
     """Fill a temp folder beside `path`; only on success does it replace `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(staging, mode)
     try:
         yield staging
         if path.exists():

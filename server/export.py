@@ -91,6 +91,7 @@ def export_run(
     rounds: list[RoundLog],
     stage_scores: dict[str, dict[int, float]],
     reference: Histograms,
+    extra_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write bundle/, synthetic/ (static.csv, timeseries.csv) and metrics.json; return the metrics."""
     out_dir = Path(out_dir)
@@ -152,6 +153,7 @@ def export_run(
             "files": card["files"],
         },
         "settings": settings.to_toml_dict(),
+        **(extra_metrics or {}),
     }
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
     logger.info("exported bundle, %d synthetic rows and metrics to %s", len(synthetic), out_dir)

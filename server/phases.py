@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from rich.progress import Progress
@@ -19,10 +20,13 @@ from configs.schema import CohortSchema
 from configs.settings import RunSettings
 from models.bundle import sample_linked
 from models.encoder import TabularEncoder
+from models.pairs import merge_pair_counts, pair_counts_problem
 from models.registry import get_model_class
-from models.statistics import Histograms, column_shape_vs_reference, mean_score, merge_histograms
+from models.statistics import Histograms, merge_histograms
 from models.timegan import SequenceMoments
+from server.audit import check_aggregate_only, gates_from, render_report, request_audit, save_audit_inputs
 from server.export import HospitalSummary, export_run
+from server.sadqc import SADQC, QualityScores, SADQCConfig, filter_anomalies, score_sample
 from strategies.fedavg import RoundLog, ValidatedFedAvg, hospital_of
 
 logger = logging.getLogger(__name__)
@@ -38,7 +42,10 @@ class HandshakeResult:
     hospitals: dict[int, HospitalSummary]
     reference: Histograms
     refusals: list[dict[str, Any]] = field(default_factory=list)
-    moments: SequenceMoments | None = None  # merged DP sequence moments, when a sequence model runs
+    moments: SequenceMoments | None = None
+    reference_pairs: Histograms = field(
+        default_factory=dict
+    )  # merged DP pair tables  # merged DP sequence moments, when a sequence model runs
 
 
 def wait_for_nodes(grid: Grid, *, wanted: int, minimum: int, timeout_s: float) -> list[int]:
@@ -65,6 +72,13 @@ def _histograms_problem(record: ArrayRecord, schema: CohortSchema) -> str | None
         if counts.shape != (spec.n_cells(),) or not np.isfinite(counts).all():
             return f"histogram of '{spec.name}' is malformed (shape {counts.shape})"
     return None
+
+
+def _pairs_problem(reply: Message, schema: CohortSchema) -> str | None:
+    if "pairs" not in reply.content.array_records:
+        return "pair tables are missing"
+    tables = {k: v.numpy() for k, v in reply.content.array_records["pairs"].items()}
+    return pair_counts_problem(tables, schema)
 
 
 def _moments_of(reply: Message, schema: CohortSchema) -> SequenceMoments | str:
@@ -96,6 +110,7 @@ def run_handshake(
     accepted: list[int] = []
     hospitals: dict[int, HospitalSummary] = {}
     parts: list[Histograms] = []
+    pair_parts: list[Histograms] = []
     moments: SequenceMoments | None = None
     refusals: list[dict[str, Any]] = []
     for reply in replies:
@@ -105,6 +120,8 @@ def run_handshake(
             problem = reply.error.reason
         else:
             problem = _histograms_problem(reply.content.array_records["histograms"], schema)
+            if problem is None:
+                problem = _pairs_problem(reply, schema)
             if problem is None and with_moments:
                 part_moments = _moments_of(reply, schema)
                 problem = part_moments if isinstance(part_moments, str) else None
@@ -121,6 +138,7 @@ def run_handshake(
             max_epsilon=float(metrics["max-epsilon"]),
         )
         parts.append({k: v.numpy() for k, v in reply.content.array_records["histograms"].items()})
+        pair_parts.append({k: v.numpy() for k, v in reply.content.array_records["pairs"].items()})
         if isinstance(part_moments, SequenceMoments):
             moments = part_moments if moments is None else moments.merged(part_moments)
         accepted.append(node)
@@ -130,7 +148,9 @@ def run_handshake(
     if not accepted:
         reasons = "; ".join(f"{r['hospital']}: {r['reason']}" for r in refusals) or "no replies"
         raise HandshakeError(f"no hospital passed the handshake: {reasons}")
-    return HandshakeResult(accepted, hospitals, merge_histograms(parts), refusals, moments)
+    return HandshakeResult(
+        accepted, hospitals, merge_histograms(parts), refusals, moments, merge_pair_counts(pair_parts)
+    )
 
 
 @dataclass
@@ -147,6 +167,9 @@ class Stage:
     model_rounds: int = 0  # rounds of this model over all its stages
     budget_share: float = 1.0  # share of each hospital's remaining epsilon this model may use
     extra_config: dict[str, Any] = field(default_factory=dict)
+    # SA-DQC: full quality scores per round, and the controller that decides on them.
+    quality: Callable[[int], QualityScores] | None = None
+    controller: SADQC | None = None
 
 
 @dataclass
@@ -155,14 +178,16 @@ class StageOutcome:
     scores: dict[int, float]
 
 
-def table_scorer(model: Any, reference: Histograms, settings: RunSettings) -> Callable[[int], float]:
-    """Column shapes of a synthetic sample against the DP reference histograms."""
+def table_quality(
+    model: Any, handshake: HandshakeResult, settings: RunSettings
+) -> Callable[[int], QualityScores]:
+    """SA-DQC scores of a synthetic sample vs the DP histograms and DP pair tables."""
 
-    def score(server_round: int) -> float:
+    def quality(server_round: int) -> QualityScores:
         sample = model.sample(settings.export.round_sample_rows, seed=settings.federation.seed + server_round)
-        return mean_score(column_shape_vs_reference(sample, reference, model.encoder.schema))
+        return score_sample(sample, handshake.reference, handshake.reference_pairs, model.encoder.schema)
 
-    return score
+    return quality
 
 
 def sequence_scorer(model: Any, profiles: np.ndarray, reference: SequenceMoments) -> Callable[[int], float]:
@@ -217,11 +242,26 @@ def run_stage(
     )
     strategy.participants = participants
 
+    train_config = _stage_config(stage, encoder, settings)
+    best: dict[str, Any] = {"arrays": ArrayRecord(stage.model.state_dict())}  # round 0 is the fallback
+
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
         stage.model.load_state_dict(arrays.to_torch_state_dict())
-        score = stage.score(server_round)
+        if stage.quality is not None and stage.controller is not None:
+            decision = stage.controller.observe_round(server_round, stage.quality(server_round))
+            score = decision.scores.overall if decision.scores else float("nan")
+            logger.info(
+                "SA-DQC %s round %d: %s (%s)", stage.label, server_round, decision.action, decision.reason
+            )
+            if decision.action == "accept":
+                best["arrays"] = arrays
+            elif decision.action == "rollback":
+                strategy.override_arrays = best["arrays"]
+            train_config["lr-multiplier"] = float(stage.controller.training_overrides()["lr_multiplier"])
+        else:
+            score = stage.score(server_round)
         logger.info("%s round %d: quality score %.4f", stage.label, server_round, score)
         progress.update(task, advance=1, description=f"{stage.label} round {server_round}: {score:.3f}")
         return MetricRecord({"score": score})
@@ -231,11 +271,12 @@ def run_stage(
         initial_arrays=ArrayRecord(stage.model.state_dict()),
         num_rounds=stage.rounds,
         timeout=fed.round_timeout_s,
-        train_config=_stage_config(stage, encoder, settings),
+        train_config=train_config,
         evaluate_fn=evaluate,
     )
-    if len(result.arrays) > 0:
-        stage.model.load_state_dict(result.arrays.to_torch_state_dict())
+    final = best["arrays"] if stage.controller is not None else result.arrays
+    if len(final) > 0:  # the controller's best round, else the last aggregate
+        stage.model.load_state_dict(final.to_torch_state_dict())
     for log in strategy.rounds:
         log.stage = stage.label
     scores = {r: float(m["score"]) for r, m in result.evaluate_metrics_serverapp.items()}
@@ -256,14 +297,20 @@ def plan_stages(
     fed, seq_name = settings.federation, settings.model.sequence
     table = build_model(settings.model.generator, encoder, settings)
     table_share = 1.0 - settings.privacy.sequence_epsilon_share if seq_name else 1.0
+    controller = SADQC(
+        SADQCConfig(**settings.sadqc.model_dump(exclude={"contamination"})), stage=table.registry_name
+    )
+    quality = table_quality(table, handshake, settings)
     stages = [
         Stage(
             table,
             "generator",
             fed.rounds,
             table.registry_name,
-            table_scorer(table, handshake.reference, settings),
+            score=lambda server_round: quality(server_round).overall,
             budget_share=table_share,
+            quality=quality,
+            controller=controller,
         )
     ]
     if not seq_name:
@@ -325,6 +372,9 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str
             rounds.extend(outcome.rounds)
             scores[stage.label] = outcome.scores
     synthetic, timeseries = sample_linked(table, sequence, settings.export.synthetic_rows, seed=fed.seed)
+    synthetic, timeseries, audit = release_and_audit(
+        grid, settings, handshake, encoder, stages[0].controller, synthetic, timeseries, out_dir
+    )
     return export_run(
         out_dir,
         model=table,
@@ -337,4 +387,62 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str
         rounds=rounds,
         stage_scores=scores,
         reference=handshake.reference,
+        extra_metrics=audit,
     )
+
+
+def release_and_audit(
+    grid: Grid,
+    settings: RunSettings,
+    handshake: HandshakeResult,
+    encoder: TabularEncoder,
+    controller: SADQC | None,
+    synthetic: pd.DataFrame,
+    timeseries: pd.DataFrame | None,
+    out_dir: Path,
+) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, Any]]:
+    """SA-DQC filters the final set, hospitals audit it, the report is written; returns what is released."""
+    schema, fed = encoder.schema, settings.federation
+    kept, removed = filter_anomalies(
+        synthetic,
+        encoder.transform(synthetic),
+        schema=schema,
+        contamination=settings.sadqc.contamination,
+        seed=fed.seed,
+    )
+    synthetic = synthetic.loc[kept.index].reset_index(drop=True)
+    if timeseries is not None:  # a removed profile takes its week with it
+        timeseries = timeseries[timeseries[schema.id_column].isin(set(synthetic[schema.id_column]))]
+        timeseries = timeseries.reset_index(drop=True)
+    final_scores = score_sample(synthetic, handshake.reference, handshake.reference_pairs, schema)
+    if controller is not None:
+        controller.record_filter(
+            fed.rounds, n_before=len(kept) + sum(removed.values()), removed=removed, scores=final_scores
+        )
+    sample = encoder.transform(synthetic.head(settings.audit.synthetic_rows))
+    dcr, attacks, ledgers, refusals = request_audit(
+        grid, sorted(handshake.node_ids), sample, encoder, fed.round_timeout_s
+    )
+    check_aggregate_only(dcr + attacks, len(sample))
+    inputs = {
+        "quality": {**final_scores.model_dump(), "removed": removed},
+        "reference_histograms": handshake.reference,
+        "reference_pairs": handshake.reference_pairs,
+        "dcr": dcr,
+        "attacks": attacks,
+        "ledger": ledgers,
+        "decisions": controller.decisions() if controller is not None else [],
+        "audit_refusals": refusals,
+    }
+    save_audit_inputs(out_dir, inputs)
+    report = render_report(out_dir, inputs, synthetic, schema, gates_from(settings.audit))
+    logger.info("privacy audit: %s (report %s)", "PASS" if report.passed else "FAIL", report.html_path)
+    audit = {
+        "audit": {
+            "passed": report.passed,
+            "gates": [g.model_dump() for g in report.gates],
+            "refusals": refusals,
+        },
+        "sadqc": {"final": final_scores.model_dump(), "removed": removed, "decisions": inputs["decisions"]},
+    }
+    return synthetic, timeseries, audit

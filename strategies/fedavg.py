@@ -71,10 +71,14 @@ class ValidatedFedAvg(FedAvg):
         self._reference: ArrayRecord | None = None
         # Nodes that passed the handshake; None means every connected node may train.
         self.participants: set[int] | None = None
+        # Weights to send instead of the last aggregate (a quality controller's rollback).
+        self.override_arrays: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.override_arrays is not None:
+            arrays, self.override_arrays = self.override_arrays, None
         self._reference = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
         return [

@@ -1,0 +1,123 @@
+"""Phase 4: the federated privacy audit and the report, from synthetic data and aggregates only."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from configs.schema import CohortSchema
+from configs.settings import AuditSettings
+from models.encoder import TabularEncoder
+from models.pairs import association_differences
+from models.statistics import Histograms
+from privacy.attacks import FPR_GRID
+from privacy.storage import atomic_write_text
+from server.report import GateThresholds, ReportResult, write_report
+from strategies.fedavg import hospital_of
+
+logger = logging.getLogger(__name__)
+
+AUDIT_INPUTS_FILE = "audit_inputs.json"
+
+
+def request_audit(
+    grid: Grid, node_ids: list[int], sample: np.ndarray, encoder: TabularEncoder, timeout_s: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Send the encoded synthetic sample; return per-hospital DCR, attacks, ledgers, refusals."""
+    config = ConfigRecord({"encoder": encoder.to_json(), "encoder-hash": encoder.hash})
+    content = RecordDict({"config": config, "synthetic": ArrayRecord({"encoded": Array(sample)})})
+    messages = [Message(content, dst_node_id=n, message_type="query.audit") for n in node_ids]
+    replies = sorted(grid.send_and_receive(messages, timeout=timeout_s), key=hospital_of)
+    dcr, attacks, ledgers, refusals = [], [], [], []
+    for reply in replies:
+        hospital = hospital_of(reply)
+        if reply.has_error():
+            refusals.append({"hospital": hospital, "reason": reply.error.reason})
+            continue
+        answers = dict(reply.content.metric_records["audit"])
+        dcr.append({"hospital": hospital, **_prefixed(answers, "dcr/")})
+        names = sorted({key.split("/")[1] for key in answers if key.startswith("attack/")})
+        attacks.extend(
+            {"hospital": hospital, "name": name, **_prefixed(answers, f"attack/{name}/")} for name in names
+        )
+        entries = json.loads(str(reply.content.config_records["ledger"]["json"]))
+        ledgers.append(
+            {
+                "hospital": hospital,
+                "epsilon": entries[-1]["epsilon_after"] if entries else 0.0,
+                "charges": len(entries),
+                "entries": entries,
+            }
+        )
+    return dcr, attacks, ledgers, refusals
+
+
+def _prefixed(answers: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {key.removeprefix(prefix): value for key, value in answers.items() if key.startswith(prefix)}
+
+
+def check_aggregate_only(rows: list[dict[str, Any]], n_synthetic: int) -> None:
+    """Refuse an answer that could carry per-record values: lists must have public fixed lengths."""
+    fixed = {len(FPR_GRID)}
+    for row in rows:
+        for key, value in row.items():
+            if (
+                isinstance(value, list)
+                and len(value) not in fixed
+                and not key.endswith(("_edges", "_counts"))
+            ):
+                raise ValueError(f"audit answer {key!r} from {row.get('hospital')} is not an aggregate")
+
+
+def gates_from(settings: AuditSettings) -> GateThresholds:
+    return GateThresholds(
+        max_attack_auc=settings.max_attack_auc,
+        max_attack_auc_ci_high=settings.max_attack_auc_ci_high,
+        max_tpr_at_1pct_fpr=settings.max_tpr_at_1pct_fpr,
+        min_dcr_protection=settings.min_dcr_protection,
+    )
+
+
+def save_audit_inputs(out_dir: Path, inputs: dict[str, Any]) -> None:
+    """What `mindfed audit --run DIR` needs to write the report again (all aggregates)."""
+    atomic_write_text(Path(out_dir) / AUDIT_INPUTS_FILE, json.dumps(inputs, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def render_report(
+    out_dir: Path,
+    inputs: dict[str, Any],
+    synthetic: pd.DataFrame,
+    schema: CohortSchema,
+    gates: GateThresholds,
+) -> ReportResult:
+    """report.html + report.json from saved aggregates and the released synthetic table."""
+    reference: Histograms = {k: np.asarray(v, dtype=float) for k, v in inputs["reference_histograms"].items()}
+    reference_pairs = {k: np.asarray(v, dtype=float) for k, v in inputs["reference_pairs"].items()}
+    return write_report(
+        out_dir,
+        quality=inputs["quality"],
+        per_column_reference=reference,
+        synthetic=synthetic,
+        schema=schema,
+        pair_differences=association_differences(synthetic, reference_pairs, schema),
+        dcr=inputs["dcr"],
+        attacks=inputs["attacks"],
+        ledger=inputs["ledger"],
+        decisions=inputs["decisions"],
+        gates=gates,
+    )
