@@ -166,6 +166,43 @@ def cohort(
 
 
 @app.command()
+def audit(
+    run: Annotated[Path, typer.Option(help="Output folder of a finished run (mindfed simulate --out).")],
+    max_attack_auc: Annotated[
+        float | None, typer.Option(help="Gate: every attack's AUC at most this.")
+    ] = None,
+    max_attack_auc_ci_high: Annotated[
+        float | None, typer.Option(help="Gate: AUC 95% CI upper bound.")
+    ] = None,
+    max_tpr_at_1pct_fpr: Annotated[
+        float | None, typer.Option(help="Gate: TPR at 1% FPR at most this.")
+    ] = None,
+    min_dcr_protection: Annotated[
+        float | None, typer.Option(help="Gate: DCR protection at least this.")
+    ] = None,
+) -> None:
+    """Write report.html and report.json for a finished run, optionally with other gate thresholds."""
+    _setup_logging(False)
+    from server.audit import rerender_run_report
+
+    thresholds = {
+        "max_attack_auc": max_attack_auc,
+        "max_attack_auc_ci_high": max_attack_auc_ci_high,
+        "max_tpr_at_1pct_fpr": max_tpr_at_1pct_fpr,
+        "min_dcr_protection": min_dcr_protection,
+    }
+    with _user_errors(FileNotFoundError):
+        result = rerender_run_report(run, {k: v for k, v in thresholds.items() if v is not None})
+    verdict = "[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]"
+    console.print(f"privacy audit {verdict}: {result.html_path} and {result.json_path}")
+    for gate in result.gates:
+        mark = "pass" if gate.passed else "FAIL"
+        console.print(
+            f"  {mark}  {gate.name}: {gate.value} {gate.comparator} {gate.threshold} (worst: {gate.worst})"
+        )
+
+
+@app.command()
 def check(
     data: Annotated[Path, typer.Option(help="A hospital's cohort folder (static.csv + timeseries.csv).")],
     schema: Annotated[

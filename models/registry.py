@@ -23,6 +23,7 @@ def register(name: str) -> Callable[[T], T]:
 
 def _load_builtin_models() -> None:
     # Importing the modules runs their @register decorators.
+    import models.audit_controls
     import models.ctgan_dp
     import models.timegan  # noqa: F401
 

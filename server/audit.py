@@ -121,3 +121,19 @@ def render_report(
         decisions=inputs["decisions"],
         gates=gates,
     )
+
+
+def rerender_run_report(run_dir: Path, gate_overrides: dict[str, float]) -> ReportResult:
+    """`mindfed audit --run DIR`: the report again from the run's saved aggregates and release."""
+    from configs.settings import settings_from_dict  # the run's own settings, as it recorded them
+
+    run_dir = Path(run_dir)
+    for needed in (AUDIT_INPUTS_FILE, "metrics.json", "synthetic/static.csv"):
+        if not (run_dir / needed).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a finished MindFed run: {needed} is missing")
+    inputs = json.loads((run_dir / AUDIT_INPUTS_FILE).read_text(encoding="utf-8"))
+    recorded = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["settings"]
+    settings = settings_from_dict(recorded, source=str(run_dir / "metrics.json"), base_dir=run_dir)
+    synthetic = pd.read_csv(run_dir / "synthetic" / "static.csv")
+    gates = gates_from(settings.audit).model_copy(update=gate_overrides)
+    return render_report(run_dir, inputs, synthetic, settings.load_schema(), gates)
