@@ -22,7 +22,7 @@ import torch
 from configs.schema import load_schema
 from models.ctgan_dp import DPSpec
 from models.encoder import TabularEncoder
-from models.sequence_metrics import evaluate_sequences
+from models.sequence_metrics import DEFAULT_LINK_PAIRS, evaluate_sequences
 from models.statistics import histogram_counts, merge_histograms
 from models.timegan import SequenceEncoder, TimeGAN, release_noisy_moments
 from privacy.facade import gaussian_noise_multiplier, steps_per_epoch
@@ -161,6 +161,14 @@ def main() -> None:
     print(
         "std ratio syn/real per channel:", dict(zip(seq.channels, np.round(sd_syn / sd_real, 2), strict=True))
     )
+    if hasattr(global_model.embedder, "prior"):  # what the DP link prior learned (r with each column)
+        with torch.no_grad():
+            prior = global_model.embedder.prior(torch.from_numpy(encoder.transform(static))).numpy()
+        r = {
+            f"{col}~{ch}": np.corrcoef(static[col].astype(float), prior[:, seq.channels.index(ch)])[0, 1]
+            for col, ch in DEFAULT_LINK_PAIRS
+        }
+        print("prior r:", {k: round(float(v), 2) for k, v in r.items()})
     keys = ["ks-mean", "discriminative", "predictive-mae", "autocorr-diff", "link-max-diff"]
     keys += [k for k in rows["real profiles"] if k.startswith("ks/")]
     keys += [k for k in rows["real profiles"] if k.startswith("link/") and not k.endswith("/diff")]

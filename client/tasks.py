@@ -17,6 +17,7 @@ from models.encoder import EncoderError, TabularEncoder
 from models.pairs import pair_counts
 from models.registry import get_model_class
 from models.runtime import resolve_device
+from models.sequence_metrics import evaluate_sequences
 from models.statistics import Histograms, histogram_counts
 from models.timegan import SequenceEncoder, SequenceMoments, release_noisy_moments
 from privacy.attacks import dcr_overfitting_protection, run_membership_attacks
@@ -137,7 +138,9 @@ def train_round(
     schema = settings.load_schema()
     encoder = rebuild_encoder(request, schema)
     params = {
-        key: value * request.lr_multiplier if key.endswith("_lr") or key == "learning_rate" else value
+        key: value * request.lr_multiplier
+        if (key.endswith("_lr") or key == "learning_rate") and isinstance(value, int | float)
+        else value
         for key, value in request.model_params.items()
     }
     model = get_model_class(request.model_name)(encoder, params, seed=request.seed)
@@ -198,3 +201,20 @@ def audit_answers(
                 list(map(float, value)) if isinstance(value, tuple) else float(value)
             )
     return answers
+
+
+def sequence_answers(
+    members: Cohort, weeks: np.ndarray, synthetic: np.ndarray, encoder: TabularEncoder, *, seed: int
+) -> dict[str, float]:
+    """TimeGAN fidelity of the synthetic weeks against this hospital's real weeks (aggregates only)."""
+    schema = encoder.schema
+    assert schema.sequence is not None
+    metrics = evaluate_sequences(
+        weeks_of(members, schema),
+        weeks,
+        channels=[c.name for c in schema.sequence.channels],
+        seed=seed,
+        real_static=members.static,
+        syn_static=encoder.inverse_transform(synthetic),
+    )
+    return {f"sequence/{key}": float(value) for key, value in metrics.items()}

@@ -221,10 +221,10 @@ def settings_from_run_config(run_config: dict[str, Any], app_dir: Path | None = 
     """Flower `run_config` (pyproject `[tool.flwr.app.config]` + --run-config) -> settings."""
     config_file = Path(str(run_config.get("config-file", "")) or DEFAULT_SETTINGS_PATH)
     if not config_file.is_absolute():
-        candidates = [
-            (app_dir or Path.cwd()) / config_file,
-            Path(__file__).parent.parent / config_file,
-        ]
+        # The app's own folder first: a deployed ServerApp/ClientApp inherits the working directory
+        # of whatever started flower-superlink / flower-supernode, which may hold other files.
+        roots = [Path(__file__).resolve().parent.parent, *([app_dir] if app_dir else []), Path.cwd()]
+        candidates = [root / config_file for root in roots]
         config_file = next((c for c in candidates if c.exists()), candidates[0])
     overrides = parse_overrides(str(run_config.get("overrides", "")))
     return load_settings(config_file, overrides)

@@ -110,9 +110,24 @@ def simulate(
             f"  {hospital['hospital']}: epsilon {hospital['epsilon']:.3f} of {hospital['max_epsilon']:g} "
             f"(delta {hospital['delta']:g}), {hospital['rounds_trained']} rounds"
         )
-    console.print(
-        f"  bundle: {outcome.out_dir / 'bundle'}   synthetic: {outcome.out_dir / 'synthetic' / 'static.csv'}"
-    )
+    _print_sequence_and_audit(outcome.metrics)
+    console.print(f"  bundle: {outcome.out_dir / 'bundle'}   synthetic: {outcome.out_dir / 'synthetic'}")
+    console.print(f"  report: {outcome.out_dir / 'report.html'}")
+
+
+def _print_sequence_and_audit(metrics: dict) -> None:
+    merged = metrics.get("sequence_evaluation", {}).get("merged", {})
+    if merged:
+        console.print(
+            f"  weeks (hospitals' real data): KS mean {merged['ks-mean']:.4f}, discriminative "
+            f"{merged['discriminative']:.4f}, predictive MAE {merged['predictive-mae']:.4f}, "
+            f"max link gap {merged.get('link-max-diff', float('nan')):.4f}"
+        )
+    audit = metrics.get("audit")
+    if audit:
+        failed = [g["name"] for g in audit["gates"] if not g["passed"]]
+        verdict = "[bold green]PASS[/]" if audit["passed"] else f"[bold red]FAIL[/] ({', '.join(failed)})"
+        console.print(f"  privacy audit: {verdict}")
 
 
 @app.command()

@@ -33,7 +33,10 @@ class LeakyReplay:
     def __init__(self, encoder: TabularEncoder, config: Config | dict, *, seed: int = 0):
         self.encoder = encoder
         self.config = config if isinstance(config, self.Config) else self.Config(**config)
-        self.memory = torch.zeros(self.config.capacity, encoder.width)
+        # Until fit, the memory holds seeded noise (and `filled` is 0): nothing is memorised yet.
+        self.memory = torch.randn(
+            self.config.capacity, encoder.width, generator=torch.Generator().manual_seed(seed)
+        )
         self.filled = torch.zeros(1)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -43,6 +46,9 @@ class LeakyReplay:
         return self.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+        unexpected = set(state) - {"memory", "filled"}
+        if unexpected or {"memory", "filled"} - set(state):
+            raise KeyError(f"leaky-replay state needs 'memory' and 'filled', got {sorted(state)}")
         self.memory, self.filled = state["memory"].clone(), state["filled"].clone()
 
     def fit(

@@ -178,12 +178,19 @@ class RecurrentNet(nn.Module):
         num_layers: int,
         *,
         sigmoid: bool,
+        prior_dim: int = 0,
     ):
         super().__init__()
         self.cond_dim = cond_dim
         self.rnn = nn.GRU(input_dim + cond_dim, hidden_dim, num_layers=num_layers, batch_first=True)
         self.head = nn.Linear(hidden_dim, output_dim)
         self.sigmoid = sigmoid
+        if prior_dim:
+            # Profile -> expected weekly mean of each channel (the embedder's side head, DP-trained
+            # with it): the static-sequence link in a form a generator can be taught directly.
+            self.prior = nn.Sequential(
+                nn.Linear(cond_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, prior_dim), nn.Sigmoid()
+            )
 
     def forward(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if self.cond_dim:
@@ -201,8 +208,24 @@ class _AutoEncoder(nn.Module):
         super().__init__()
         self.embedder, self.recovery = embedder, recovery
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.recovery(self.embedder(x, cond))
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.recovery(self.embedder(x, cond)), self.embedder.prior(cond)
+
+
+class _SupervisorAndPrior(nn.Module):
+    """Supervisor + the embedder's link prior: one DP optimizer in the supervised phase."""
+
+    def __init__(self, supervisor: nn.Module, prior: nn.Module):
+        super().__init__()
+        self.supervisor, self.prior = supervisor, prior
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.supervisor(h), self.prior(cond)
+
+
+def _prior_loss(prior: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-record squared error of the predicted weekly channel means."""
+    return ((prior - x.mean(dim=1)) ** 2).mean(dim=1)
 
 
 @contextlib.contextmanager
@@ -219,6 +242,14 @@ def _frozen(*modules: nn.Module) -> Iterator[None]:
                 p.requires_grad_(flag)
 
 
+def _reconstruction_and_prior_loss(
+    m: nn.Module, x: torch.Tensor, c: torch.Tensor, prior_weight: float
+) -> torch.Tensor:
+    """Embedding phase, per record: reconstruction error + the link prior's error (one DP unit)."""
+    x_tilde, prior = m(x, c)
+    return ((x_tilde - x) ** 2).mean(dim=(1, 2)) + prior_weight * _prior_loss(prior, x)
+
+
 def _per_record_bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     """Per-day BCE averaged over the days: one loss per record (Opacus sums these)."""
     labels = torch.full_like(logits, target)
@@ -230,10 +261,17 @@ def _per_record_bce(logits: torch.Tensor, target: float) -> torch.Tensor:
 class TimeGAN:
     """Conditional TimeGAN for the schema's daily channels, conditioned on the encoded static profile.
 
-    Privacy: embedder, recovery, supervisor and discriminator read real weeks (or their
-    embeddings) and are trained only by DP-SGD. The generator never touches a real record:
-    it learns through the DP-trained discriminator, supervisor and recovery on public stand-in
-    conditions, so its updates are post-processing and use a plain optimizer.
+    Privacy: embedder (with its link prior), recovery, supervisor and discriminator read real
+    weeks (or their embeddings) and are trained only by DP-SGD. The generator never touches a
+    real record: it learns through the DP-trained discriminator, supervisor, recovery and link
+    prior on public stand-in conditions, against DP moments, so its updates are post-processing
+    and use a plain optimizer.
+
+    Sampling goes generator -> recovery by default (`through_supervisor`): under DP the weak
+    supervisor collapsed the generated spread. The link between profile and week comes from two
+    DP sources: the embedder's prior head (profile -> expected weekly channel means, trained in
+    the embedding and supervised phases inside the same DP-SGD steps) and the discriminator, which
+    also sees each real week paired with a public stand-in profile as a fake.
     """
 
     registry_name = "timegan"
@@ -256,14 +294,21 @@ class TimeGAN:
         # Weight of D's verdict on the generator's raw latents (TimeGAN's gamma).
         gamma: float = Field(default=1.0, ge=0)
         # Weight of the next-day consistency of generated latents under the DP-trained supervisor.
-        supervised_weight: float = Field(default=10.0, ge=0)
+        # 10 (the paper) pinned the generated latents to the weak DP supervisor's fixed point.
+        supervised_weight: float = Field(default=1.0, ge=0)
         # Weight of the per-(day, channel) |mean| + |std| gap (TimeGAN's moments loss).
         moments_weight: float = Field(default=100.0, ge=0)
         # Sample through generator -> supervisor -> recovery (the paper) or generator -> recovery.
         # Under DP the supervisor is a weak, contractive map: going through it shrank the spread of
         # the generated latents about 20-fold, which the recovery shrank again (collapsed weeks).
         # Without it the supervisor still shapes the dynamics through the supervised loss.
-        through_supervisor: bool = True
+        through_supervisor: bool = False
+        # Weight of the link prior's error in the per-record DP loss of the embedding and supervised
+        # phases. Clipping bounds the whole record's gradient, in which the GRUs dominate; at 1
+        # the prior got so little of it that DP noise hid the weaker links (age, bmi).
+        prior_weight: float = Field(default=10.0, ge=0)
+        # Weight of |weekly channel means - DP prior(profile)| in the generator's loss.
+        link_weight: float = Field(default=100.0, ge=0)
         # Weight of the mismatched pairs in D's loss: a record's real week paired with a public
         # stand-in profile, labelled fake, so D judges whether a week fits its profile.
         mismatch_weight: float = Field(default=1.0, ge=0)
@@ -279,7 +324,9 @@ class TimeGAN:
         torch.manual_seed(seed)
         # nn.GRU has no per-sample gradients; prepare_module swaps it for Opacus's DPGRU (same
         # state_dict keys) in every module that goes through DP-SGD.
-        self.embedder = prepare_module(RecurrentNet(c, self.cond_dim, h, h, layers, sigmoid=True))
+        self.embedder = prepare_module(
+            RecurrentNet(c, self.cond_dim, h, h, layers, sigmoid=True, prior_dim=c)
+        )
         self.recovery = prepare_module(RecurrentNet(h, 0, h, c, layers, sigmoid=True))
         self.supervisor = prepare_module(RecurrentNet(h, 0, h, h, max(1, layers - 1), sigmoid=True))
         self.discriminator = prepare_module(RecurrentNet(h, self.cond_dim, h, 1, layers, sigmoid=False))
@@ -472,7 +519,7 @@ class TimeGAN:
             epochs=epochs,
             dp=dp,
             device=device,
-            per_record_loss=lambda m, x, c: ((m(x, c) - x) ** 2).mean(dim=(1, 2)),
+            per_record_loss=lambda m, x, c: _reconstruction_and_prior_loss(m, x, c, self.config.prior_weight),
         )
         self.embedder, self.recovery = module.embedder.cpu(), module.recovery.cpu()
         report.extra["reconstruction-loss-sum"] = loss_sum
@@ -497,17 +544,22 @@ class TimeGAN:
         torch.manual_seed(seed)
         loader = self._loader(data, cond, batch_size, seed)
         embedder = self.embedder.to(device).eval()
-        module: nn.Module = self.supervisor.to(device).train()
+        # The embedder's link prior trains on in this phase: same records, same DP-SGD steps
+        # (its gradient is clipped together with the supervisor's), no extra charge.
+        module: nn.Module = _SupervisorAndPrior(self.supervisor, embedder.prior).to(device).train()
 
         def next_step_loss(m: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 h = embedder(x, c)
-            return ((m(h)[:, :-1] - h[:, 1:]) ** 2).mean(dim=(1, 2))
+            h_next, prior = m(h, c)
+            next_step = ((h_next[:, :-1] - h[:, 1:]) ** 2).mean(dim=(1, 2))
+            return next_step + self.config.prior_weight * _prior_loss(prior, x)
 
         module, loss_sum, report = self._train_per_record(
             module, loader, "supervised", epochs=epochs, dp=dp, device=device, per_record_loss=next_step_loss
         )
-        self.supervisor, self.embedder = module.cpu(), embedder.train().cpu()
+        embedder.prior = module.prior
+        self.supervisor, self.embedder = module.supervisor.cpu(), embedder.train().cpu()
         report.extra["supervised-loss-sum"] = loss_sum
         return report
 
@@ -554,6 +606,7 @@ class TimeGAN:
             discriminator, opt_d, loader = private.module, private.optimizer, private.data_loader
         report = FitReport()
         moments_sum = 0.0
+        prior = embedder.prior
         with _frozen(embedder, supervisor, recovery):
             for _ in range(epochs):
                 for x, c in loader:
@@ -564,7 +617,7 @@ class TimeGAN:
                     for _ in range(self.config.generator_steps):
                         g_cond, g_target = self._generator_inputs(x, c, target, dp, batch_size, rng)
                         g_loss, m_loss = self._generator_step(
-                            discriminator, opt_g, opt_d, g_cond, g_target, noise_gen
+                            discriminator, opt_g, opt_d, g_cond, g_target, noise_gen, prior
                         )
                         report.generator_loss_sum += g_loss
                         moments_sum += m_loss
@@ -696,6 +749,7 @@ class TimeGAN:
         cond: torch.Tensor,
         target: tuple[torch.Tensor, torch.Tensor],
         noise_gen: torch.Generator,
+        prior: nn.Module,
     ) -> tuple[float, float]:
         """Post-processing update: every loss reaches real data only through DP-trained modules."""
         hooks = hasattr(discriminator, "disable_hooks")
@@ -718,8 +772,14 @@ class TimeGAN:
         mean, std = target
         fake_mean, fake_std = _batch_moments(x_hat)
         moments = (fake_mean - mean).abs().mean() + (fake_std - std).abs().mean()
+        # The link: for its (public) profile a generated week's channel means should sit where the
+        # DP-trained prior puts real weeks with that profile (post-processing of a DP module).
+        with torch.no_grad():
+            expected = prior(cond)
+        link = _link_loss(x_hat.mean(dim=1), expected)
         loss = (
-            adversarial
+            self.config.link_weight * link
+            + adversarial
             + self.config.gamma * adversarial_e
             + self.config.supervised_weight * supervised
             + self.config.moments_weight * moments
@@ -766,6 +826,22 @@ class TimeGAN:
         else:
             cond, ids = np.asarray(static, dtype=np.float32), None
         return self.sequence.inverse_transform(self.sample_encoded(cond, seed=seed), ids)
+
+
+def _link_loss(week_means: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Per channel over the batch: |mean residual| + |slope of the residual on the prior| x std(prior).
+
+    Pinning every week's means to the prior removed all person-level spread the prior does not
+    explain; this asks only that the weekly means regress on the prior with slope 1 (residuals
+    centred and uncorrelated with it), leaving the residual spread to the moments loss.
+    """
+    residual = week_means - expected
+    centred = expected - expected.mean(dim=0)
+    # slope x std(prior): the missed shift of the weekly mean per standard deviation of the prior,
+    # in the same units as the mean residual.
+    covariance = ((residual - residual.mean(dim=0)) * centred).mean(dim=0)
+    shift = covariance / (centred.var(dim=0) + 1e-4).sqrt()
+    return residual.mean(dim=0).abs().mean() + shift.abs().mean()
 
 
 def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

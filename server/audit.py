@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +28,45 @@ logger = logging.getLogger(__name__)
 AUDIT_INPUTS_FILE = "audit_inputs.json"
 
 
+@dataclass
+class AuditAnswers:
+    dcr: list[dict[str, Any]] = field(default_factory=list)
+    attacks: list[dict[str, Any]] = field(default_factory=list)
+    ledgers: list[dict[str, Any]] = field(default_factory=list)
+    sequence: list[dict[str, Any]] = field(default_factory=list)  # per hospital, with "n" weeks
+    refusals: list[dict[str, Any]] = field(default_factory=list)
+
+
 def request_audit(
-    grid: Grid, node_ids: list[int], sample: np.ndarray, encoder: TabularEncoder, timeout_s: float
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Send the encoded synthetic sample; return per-hospital DCR, attacks, ledgers, refusals."""
+    grid: Grid,
+    node_ids: list[int],
+    sample: np.ndarray,
+    encoder: TabularEncoder,
+    timeout_s: float,
+    weeks: np.ndarray | None = None,
+) -> AuditAnswers:
+    """Send the encoded synthetic sample (and its weeks); collect every hospital's aggregates."""
     config = ConfigRecord({"encoder": encoder.to_json(), "encoder-hash": encoder.hash})
-    content = RecordDict({"config": config, "synthetic": ArrayRecord({"encoded": Array(sample)})})
+    arrays = {"encoded": Array(sample)} | ({"weeks": Array(weeks)} if weeks is not None else {})
+    content = RecordDict({"config": config, "synthetic": ArrayRecord(arrays)})
     messages = [Message(content, dst_node_id=n, message_type="query.audit") for n in node_ids]
     replies = sorted(grid.send_and_receive(messages, timeout=timeout_s), key=hospital_of)
-    dcr, attacks, ledgers, refusals = [], [], [], []
+    out = AuditAnswers()
     for reply in replies:
         hospital = hospital_of(reply)
         if reply.has_error():
-            refusals.append({"hospital": hospital, "reason": reply.error.reason})
+            out.refusals.append({"hospital": hospital, "reason": reply.error.reason})
             continue
         answers = dict(reply.content.metric_records["audit"])
-        dcr.append({"hospital": hospital, **_prefixed(answers, "dcr/")})
+        out.dcr.append({"hospital": hospital, **_prefixed(answers, "dcr/")})
         names = sorted({key.split("/")[1] for key in answers if key.startswith("attack/")})
-        attacks.extend(
+        out.attacks.extend(
             {"hospital": hospital, "name": name, **_prefixed(answers, f"attack/{name}/")} for name in names
         )
+        if any(key.startswith("sequence/") for key in answers):
+            out.sequence.append({"hospital": hospital, **_prefixed(answers, "sequence/")})
         entries = json.loads(str(reply.content.config_records["ledger"]["json"]))
-        ledgers.append(
+        out.ledgers.append(
             {
                 "hospital": hospital,
                 "epsilon": entries[-1]["epsilon_after"] if entries else 0.0,
@@ -56,7 +74,24 @@ def request_audit(
                 "entries": entries,
             }
         )
-    return dcr, attacks, ledgers, refusals
+    return out
+
+
+def merge_sequence_metrics(per_hospital: list[dict[str, Any]]) -> dict[str, float]:
+    """Hospitals' sequence metrics weighted by their real weeks; counts are summed."""
+    if not per_hospital:
+        return {}
+    weights = np.array([float(h.get("n-real", 1.0)) for h in per_hospital])
+    keys = [k for k in per_hospital[0] if k != "hospital"]
+    merged = {}
+    for key in keys:
+        values = np.array([float(h[key]) for h in per_hospital])
+        merged[key] = float(
+            values.sum()
+            if key.startswith("n-") or key.endswith("-n-test")
+            else (weights * values).sum() / weights.sum()
+        )
+    return merged
 
 
 def _prefixed(answers: dict[str, Any], prefix: str) -> dict[str, Any]:

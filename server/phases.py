@@ -23,8 +23,15 @@ from models.encoder import TabularEncoder
 from models.pairs import merge_pair_counts, pair_counts_problem
 from models.registry import get_model_class
 from models.statistics import Histograms, merge_histograms
-from models.timegan import SequenceMoments
-from server.audit import check_aggregate_only, gates_from, render_report, request_audit, save_audit_inputs
+from models.timegan import SequenceEncoder, SequenceMoments
+from server.audit import (
+    check_aggregate_only,
+    gates_from,
+    merge_sequence_metrics,
+    render_report,
+    request_audit,
+    save_audit_inputs,
+)
 from server.export import HospitalSummary, export_run
 from server.sadqc import SADQC, QualityScores, SADQCConfig, filter_anomalies, score_sample
 from strategies.fedavg import RoundLog, ValidatedFedAvg, hospital_of
@@ -419,10 +426,16 @@ def release_and_audit(
         controller.record_filter(
             fed.rounds, n_before=len(kept) + sum(removed.values()), removed=removed, scores=final_scores
         )
-    sample = encoder.transform(synthetic.head(settings.audit.synthetic_rows))
-    dcr, attacks, ledgers, refusals = request_audit(
-        grid, sorted(handshake.node_ids), sample, encoder, fed.round_timeout_s
-    )
+    audited = synthetic.head(settings.audit.synthetic_rows)
+    sample = encoder.transform(audited)
+    weeks = None
+    if timeseries is not None:
+        weeks = SequenceEncoder.from_schema(schema).transform(
+            timeseries[timeseries[schema.id_column].isin(set(audited[schema.id_column]))],
+            audited[schema.id_column],
+        )
+    answers = request_audit(grid, sorted(handshake.node_ids), sample, encoder, fed.round_timeout_s, weeks)
+    dcr, attacks, ledgers, refusals = answers.dcr, answers.attacks, answers.ledgers, answers.refusals
     check_aggregate_only(dcr + attacks, len(sample))
     inputs = {
         "quality": {**final_scores.model_dump(), "removed": removed},
@@ -444,5 +457,9 @@ def release_and_audit(
             "refusals": refusals,
         },
         "sadqc": {"final": final_scores.model_dump(), "removed": removed, "decisions": inputs["decisions"]},
+        "sequence_evaluation": {
+            "merged": merge_sequence_metrics(answers.sequence),
+            "per_hospital": answers.sequence,
+        },
     }
     return synthetic, timeseries, audit

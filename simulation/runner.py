@@ -88,6 +88,27 @@ def _run_flower_simulation(settings: RunSettings, run_config: dict[str, Any]) ->
     )
 
 
+def _sequence_check(
+    demo: DemoCohort, synthetic: pd.DataFrame, weeks: pd.DataFrame, settings: RunSettings
+) -> dict[str, float]:
+    """TimeGAN fidelity metrics of the released weeks against the whole demo cohort."""
+    from models.sequence_metrics import evaluate_sequences
+    from models.timegan import SequenceEncoder
+
+    schema = settings.load_schema()
+    encoder = SequenceEncoder.from_schema(schema)
+    real = encoder.transform(demo.timeseries, demo.static[schema.id_column])
+    fake = encoder.transform(weeks, synthetic[schema.id_column])
+    return evaluate_sequences(
+        real,
+        fake,
+        channels=encoder.channels,
+        seed=settings.federation.seed,
+        real_static=demo.static,
+        syn_static=synthetic,
+    )
+
+
 def simulate(
     *, config: Path | None, overrides: dict[str, Any], out_dir: Path, cohort_dir: Path | None = None
 ) -> SimulationOutcome:
@@ -127,5 +148,10 @@ def simulate(
         per_column = column_shape_vs_real(synthetic, demo.static, settings.load_schema())
         score = mean_score(per_column)
         metrics["demo_check"] = {"column_shape_vs_real": score, "per_column": per_column}
+        weeks_path = out_dir / "synthetic" / "timeseries.csv"
+        if weeks_path.is_file():
+            metrics["demo_check"]["sequence"] = _sequence_check(
+                demo, synthetic, pd.read_csv(weeks_path), settings
+            )
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2, default=str))
     return SimulationOutcome(out_dir, metrics, score)

@@ -43,7 +43,10 @@ def test_run_exports_bundle_synthetic_table_and_metrics(tiny_run) -> None:
     out = tiny_run.out_dir
     schema = load_schema()
     synthetic = pd.read_csv(out / "synthetic" / "static.csv")
-    assert len(synthetic) == TINY["export.synthetic_rows"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    removed = sum(metrics["sadqc"]["removed"].values())  # SA-DQC's final anomaly filter
+    assert 0 < removed <= 0.05 * TINY["export.synthetic_rows"]
+    assert len(synthetic) == TINY["export.synthetic_rows"] - removed
     assert list(synthetic.columns) == [schema.id_column, *schema.column_names]
     weeks = pd.read_csv(out / "synthetic" / "timeseries.csv")
     assert schema.sequence is not None
