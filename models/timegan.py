@@ -308,7 +308,7 @@ class TimeGAN:
         # the prior got so little of it that DP noise hid the weaker links (age, bmi).
         prior_weight: float = Field(default=10.0, ge=0)
         # Weight of |weekly channel means - DP prior(profile)| in the generator's loss.
-        link_weight: float = Field(default=100.0, ge=0)
+        link_weight: float = Field(default=300.0, ge=0)
         # Weight of the mismatched pairs in D's loss: a record's real week paired with a public
         # stand-in profile, labelled fake, so D judges whether a week fits its profile.
         mismatch_weight: float = Field(default=1.0, ge=0)

@@ -117,6 +117,8 @@ def export_run(
                 {k: h[k] for k in ("hospital", "epsilon", "delta", "max_epsilon", "rounds_trained")}
                 for h in hospitals
             ],
+            # every charge each hospital's accountant recorded (as the hospital reported it)
+            "ledger": (extra_metrics or {}).get("ledger", []),
         },
         "training": {
             "stages": {

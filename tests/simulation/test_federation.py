@@ -62,7 +62,11 @@ def test_run_exports_bundle_synthetic_table_and_metrics(tiny_run) -> None:
     ]
     assert (out / "bundle" / "sequence" / "model_card.json").is_file()
     assert {h["hospital"] for h in card["privacy"]["hospitals"]} == {"hospital-1", "hospital-2"}
-    metrics = json.loads((out / "metrics.json").read_text())
+    ledger = {entry["hospital"]: entry for entry in card["privacy"]["ledger"]}
+    for hospital in metrics["hospitals"]:  # every charge is in the card; the last one is the total
+        charges = ledger[hospital["hospital"]]["entries"]
+        assert [c["mechanism"] for c in charges[:3]] == ["gaussian"] * 3
+        assert charges[-1]["epsilon_after"] == pytest.approx(hospital["epsilon"])
     assert [(r["stage"], r["round"]) for r in metrics["rounds"]][:2] == [("dp-ctgan", 1), ("dp-ctgan", 2)]
     assert all(r["aggregated"] and not r["rejected"] for r in metrics["rounds"])
     assert 0.0 <= metrics["demo_check"]["column_shape_vs_real"] <= 1.0
