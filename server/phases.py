@@ -451,6 +451,7 @@ def release_and_audit(
     report = render_report(out_dir, inputs, synthetic, schema, gates_from(settings.audit))
     logger.info("privacy audit: %s (report %s)", "PASS" if report.passed else "FAIL", report.html_path)
     audit = {
+        "ledger": ledgers,
         "audit": {
             "passed": report.passed,
             "gates": [g.model_dump() for g in report.gates],
