@@ -333,10 +333,12 @@ def test_generator_steps_reduce_the_moments_loss_under_dp(
     target = SequenceMoments(np.full((7, 5), 30.0), np.full((7, 5), 13.0), 100.0)
     probe = model.public_conditions(400, np.random.default_rng(0))
     before = _moments_gap(model.sample_encoded(probe, seed=0), target)
-    for epoch in range(8):
+    for epoch in range(4):
         _fit(model, weeks, cond, "joint", dp=dp, moments=target, seed=epoch)
     after = _moments_gap(model.sample_encoded(probe, seed=0), target)
-    assert after < 0.0 * before, (before, after)
+    # Measured: 0.437 -> 0.303 (the barely trained recovery bounds what is reachable); before the
+    # generator lost its sigmoid and skipped the supervisor, 0.352 -> 0.355.
+    assert after < 0.8 * before, (before, after)
 
 
 @pytest.mark.parametrize(("phase", "given"), [(p, False) for p in PHASES] + [("joint", True)])
