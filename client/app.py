@@ -31,6 +31,7 @@ from client.tasks import (
     handshake_statistics,
     plan_noise_multiplier,
     rebuild_encoder_from,
+    sequence_answers,
     train_round,
 )
 from configs.settings import RunSettings, settings_from_run_config
@@ -210,6 +211,9 @@ def audit(message: Message, context: Context) -> Message:
             n_bootstrap=settings.audit.bootstrap,
             seed=settings.federation.seed,
         )
+        if "weeks" in message.content.array_records["synthetic"]:
+            weeks = message.content.array_records["synthetic"]["weeks"].numpy().astype(np.float32)
+            answers |= sequence_answers(members, weeks, synthetic, encoder, seed=settings.federation.seed)
     except _REFUSALS as err:
         return _refuse(message, node, err)
     ledger = load_ledger(context, node)

@@ -20,7 +20,7 @@ from models.runtime import resolve_device
 from models.sequence_metrics import evaluate_sequences
 from models.statistics import Histograms, histogram_counts
 from models.timegan import SequenceEncoder, SequenceMoments, release_noisy_moments
-from privacy.attacks import dcr_overfitting_protection, run_membership_attacks
+from privacy.attacks import classifier_attack, dcr_overfitting_protection, distance_attack, domias_attack
 from privacy.facade import gaussian_noise_multiplier, release_noisy_histograms, steps_per_epoch
 from privacy.ledger import PrivacyLedger
 
@@ -179,21 +179,25 @@ def audit_answers(
     """DCR and membership-inference attacks on this hospital's own members vs non-members.
 
     Only aggregates leave: scores, counts, histogram counts on fixed bins and ROC curves on a
-    fixed FPR grid; never a record or a per-record score. The held-out records are split in
-    two: candidates (non-members) and the attacker's population reference.
+    fixed FPR grid; never a record or a per-record score. For the attacks that need a population
+    reference, the held-out records are split in two: candidates (non-members) and reference.
     """
     train = encoder.transform(members.static)
     held = encoder.transform(holdout.static)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(held))
-    nonmembers, reference = held[order[: len(held) // 2]], held[order[len(held) // 2 :]]
+    candidates, reference = held[order[: len(held) // 2]], held[order[len(held) // 2 :]]
     answers: dict[str, float | list[float]] = {}
     dcr = dcr_overfitting_protection(train, held, synthetic, seed=seed)
     for key, value in asdict(dcr).items():
         answers[f"dcr/{key}"] = list(map(float, value)) if isinstance(value, tuple) else float(value)
-    for attack in run_membership_attacks(
-        train, nonmembers, synthetic, reference, seed=seed, n_bootstrap=n_bootstrap
-    ):
+    attacks = [
+        # needs no population reference, so every held-out record serves as a non-member
+        distance_attack(train, held, synthetic, seed=seed, n_bootstrap=n_bootstrap),
+        domias_attack(train, candidates, synthetic, reference, seed=seed, n_bootstrap=n_bootstrap),
+        classifier_attack(train, candidates, synthetic, reference, seed=seed, n_bootstrap=n_bootstrap),
+    ]
+    for attack in attacks:
         for key, value in asdict(attack).items():
             if key == "name":
                 continue
