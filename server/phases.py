@@ -24,6 +24,7 @@ from models.pairs import merge_pair_counts, pair_counts_problem
 from models.registry import get_model_class
 from models.statistics import Histograms, merge_histograms
 from models.timegan import SequenceEncoder, SequenceMoments
+from privacy.storage import atomic_write_text
 from server.audit import (
     check_aggregate_only,
     gates_from,
@@ -238,8 +239,13 @@ def run_stage(
     participants: set[int],
     progress: Progress,
     task: Any,
+    state_dir: Path | None = None,
 ) -> StageOutcome:
-    """Flower's strategy loop for one stage; the model ends holding the last aggregated weights."""
+    """Flower's strategy loop for one stage; the model ends holding its best (or last) weights.
+
+    With a controller, its state (thresholds, best round, decisions) is written to `state_dir`
+    after every round, atomically, so a later resume can pick it up.
+    """
     fed = settings.federation
     strategy = ValidatedFedAvg(
         action=stage.action,
@@ -267,6 +273,11 @@ def run_stage(
             elif decision.action == "rollback":
                 strategy.override_arrays = best["arrays"]
             train_config["lr-multiplier"] = float(stage.controller.training_overrides()["lr_multiplier"])
+            if state_dir is not None:
+                atomic_write_text(
+                    state_dir / f"sadqc-{stage.model.registry_name}.json",
+                    json.dumps(stage.controller.state_dict()),
+                )
         else:
             score = stage.score(server_round)
         logger.info("%s round %d: quality score %.4f", stage.label, server_round, score)
@@ -375,6 +386,7 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str
                 participants=set(handshake.node_ids),
                 progress=progress,
                 task=task,
+                state_dir=Path(out_dir) / "state",
             )
             rounds.extend(outcome.rounds)
             scores[stage.label] = outcome.scores

@@ -46,6 +46,8 @@ def test_run_exports_bundle_synthetic_table_and_metrics(tiny_run) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     removed = sum(metrics["sadqc"]["removed"].values())  # SA-DQC's final anomaly filter
     assert 0 < removed <= 0.05 * TINY["export.synthetic_rows"]
+    sadqc_state = json.loads((out / "state" / "sadqc-dp-ctgan.json").read_text())  # persisted per round
+    assert len(sadqc_state["history"]) == TINY["federation.rounds"]
     assert len(synthetic) == TINY["export.synthetic_rows"] - removed
     assert list(synthetic.columns) == [schema.id_column, *schema.column_names]
     weeks = pd.read_csv(out / "synthetic" / "timeseries.csv")
