@@ -198,12 +198,20 @@ def table_quality(
     return quality
 
 
-def sequence_scorer(model: Any, profiles: np.ndarray, reference: SequenceMoments) -> Callable[[int], float]:
-    """1 - mean |gap| of per-(day, channel) means and stds vs the DP sequence moments ([0, 1] scale)."""
+def sequence_scorer(
+    model: Any, profiles: Callable[[], np.ndarray], reference: SequenceMoments
+) -> Callable[[int], float]:
+    """1 - mean |gap| of per-(day, channel) means and stds vs the DP sequence moments ([0, 1] scale).
+
+    `profiles` is called once, at the first score: the static generator is trained by then.
+    """
     ref_mean, ref_std = reference.mean_std()
+    cache: list[np.ndarray] = []
 
     def score(server_round: int) -> float:
-        weeks = model.sample_encoded(profiles, seed=server_round)
+        if not cache:
+            cache.append(profiles())
+        weeks = model.sample_encoded(cache[0], seed=server_round)
         mean, std = SequenceMoments.of(weeks).mean_std()
         return float(1.0 - np.abs(mean - ref_mean).mean() - np.abs(std - ref_std).mean())
 
@@ -335,7 +343,10 @@ def plan_stages(
         return table, None, stages
     sequence = build_model(seq_name, encoder, settings)
     assert handshake.moments is not None
-    profiles = encoder.transform(table.sample(settings.export.round_sample_rows, seed=fed.seed))
+
+    def profiles() -> np.ndarray:  # drawn from the trained static generator (post-processing)
+        return encoder.transform(table.sample(settings.export.round_sample_rows, seed=fed.seed))
+
     moments = {"moments": handshake.moments.to_json()}
     done = 0
     for phase, rounds in fed.sequence_rounds.plan():
