@@ -69,18 +69,12 @@ def node_settings(context: Context, run: RunSettings) -> NodeSettings:
 
 def ensure_demo_hospital(run: RunSettings, cohort_dir: Path, partition: int, n_partitions: int) -> None:
     """Write this node's share of the seeded demo cohort unless it is already there."""
-    from simulation.cohort import generate_demo_cohort, write_cohort_folder
-    from simulation.partition import partition_cohort
+    from simulation.cohort import write_cohort_folder
+    from simulation.partition import demo_partitions
 
     folder = cohort_dir / f"hospital-{partition + 1}"
-    if folder.is_dir():
-        return
-    fed = run.federation
-    cohort = generate_demo_cohort(fed.patients, seed=fed.seed, days=run.load_schema().sequence.length)
-    parts = partition_cohort(
-        cohort, n_partitions, mode=fed.partition, alpha=fed.dirichlet_alpha, seed=fed.seed
-    )
-    write_cohort_folder(parts[partition], folder)
+    if not folder.is_dir():
+        write_cohort_folder(demo_partitions(run, n_partitions)[1][partition], folder)
 
 
 def hospital_folders(cohort_dir: Path) -> list[Path]:

@@ -98,7 +98,7 @@ def _prefixed(answers: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {key.removeprefix(prefix): value for key, value in answers.items() if key.startswith(prefix)}
 
 
-def check_aggregate_only(rows: list[dict[str, Any]], n_synthetic: int) -> None:
+def check_aggregate_only(rows: list[dict[str, Any]]) -> None:
     """Refuse an answer that could carry per-record values: lists must have public fixed lengths."""
     fixed = {len(FPR_GRID)}
     for row in rows:
@@ -112,12 +112,8 @@ def check_aggregate_only(rows: list[dict[str, Any]], n_synthetic: int) -> None:
 
 
 def gates_from(settings: AuditSettings) -> GateThresholds:
-    return GateThresholds(
-        max_attack_auc=settings.max_attack_auc,
-        max_attack_auc_ci_high=settings.max_attack_auc_ci_high,
-        max_tpr_at_1pct_fpr=settings.max_tpr_at_1pct_fpr,
-        min_dcr_protection=settings.min_dcr_protection,
-    )
+    """The `[audit]` table's gate thresholds (the other keys there drive the audit itself)."""
+    return GateThresholds(**settings.model_dump(include=set(GateThresholds.model_fields)))
 
 
 def save_audit_inputs(out_dir: Path, inputs: dict[str, Any]) -> None:

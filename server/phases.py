@@ -169,7 +169,8 @@ class Stage:
     action: str  # client train action: "generator" or "sequence"
     rounds: int
     label: str
-    score: Callable[[int], float]  # server-side quality after a round (DP references only)
+    # server-side quality after a round (DP references only); stages with a controller use `quality`
+    score: Callable[[int], float] | None = None
     phase: str = ""
     rounds_before: int = 0  # rounds of this model in earlier stages
     model_rounds: int = 0  # rounds of this model over all its stages
@@ -287,6 +288,7 @@ def run_stage(
                     json.dumps(stage.controller.state_dict()),
                 )
         else:
+            assert stage.score is not None, f"stage {stage.label} has neither a controller nor a score"
             score = stage.score(server_round)
         logger.info("%s round %d: quality score %.4f", stage.label, server_round, score)
         progress.update(task, advance=1, description=f"{stage.label} round {server_round}: {score:.3f}")
@@ -333,7 +335,6 @@ def plan_stages(
             "generator",
             fed.rounds,
             table.registry_name,
-            score=lambda server_round: quality(server_round).overall,
             budget_share=table_share,
             quality=quality,
             controller=controller,
@@ -459,7 +460,7 @@ def release_and_audit(
         )
     answers = request_audit(grid, sorted(handshake.node_ids), sample, encoder, fed.round_timeout_s, weeks)
     dcr, attacks, ledgers, refusals = answers.dcr, answers.attacks, answers.ledgers, answers.refusals
-    check_aggregate_only(dcr + attacks, len(sample))
+    check_aggregate_only(dcr + attacks)
     inputs = {
         "quality": {**final_scores.model_dump(), "removed": removed},
         "reference_histograms": handshake.reference,

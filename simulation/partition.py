@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from simulation.cohort import DemoCohort
+from configs.settings import RunSettings
+from simulation.cohort import DemoCohort, check_against_schema, generate_demo_cohort
 
 
 def hospital_sizes(n_hospitals: int) -> np.ndarray:
@@ -55,3 +56,15 @@ def partition_cohort(
         timeseries = cohort.timeseries[cohort.timeseries["patient_id"].isin(ids)].reset_index(drop=True)
         parts.append(DemoCohort(static=static, timeseries=timeseries))
     return parts
+
+
+def demo_partitions(settings: RunSettings, n_hospitals: int) -> tuple[DemoCohort, list[DemoCohort]]:
+    """The seeded demo cohort of a run's settings, and its split into `n_hospitals` hospitals."""
+    fed, schema = settings.federation, settings.load_schema()
+    assert schema.sequence is not None, "the demo cohort has daily rhythms: the schema must declare them"
+    cohort = generate_demo_cohort(fed.patients, seed=fed.seed, days=schema.sequence.length)
+    check_against_schema(cohort, schema)
+    parts = partition_cohort(
+        cohort, n_hospitals, mode=fed.partition, alpha=fed.dirichlet_alpha, seed=fed.seed
+    )
+    return cohort, parts

@@ -15,13 +15,8 @@ import pandas as pd
 from configs.settings import RunSettings, format_overrides, load_settings
 from models.statistics import column_shape_vs_real, mean_score
 from privacy.storage import atomic_write_text
-from simulation.cohort import (
-    DemoCohort,
-    check_against_schema,
-    generate_demo_cohort,
-    write_cohort_folder,
-)
-from simulation.partition import partition_cohort
+from simulation.cohort import DemoCohort, write_cohort_folder
+from simulation.partition import demo_partitions
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +35,7 @@ class SimulationOutcome:
 
 def prepare_demo_cohort(settings: RunSettings, cohort_dir: Path) -> DemoCohort:
     """Generate the embedded cohort and write one data-contract folder per hospital."""
-    fed = settings.federation
-    cohort = generate_demo_cohort(fed.patients, seed=fed.seed, days=settings.load_schema().sequence.length)
-    check_against_schema(cohort, settings.load_schema())
-    parts = partition_cohort(
-        cohort, fed.hospitals, mode=fed.partition, alpha=fed.dirichlet_alpha, seed=fed.seed
-    )
+    cohort, parts = demo_partitions(settings, settings.federation.hospitals)
     for index, part in enumerate(parts, start=1):
         write_cohort_folder(part, cohort_dir / f"hospital-{index}")
     return cohort
