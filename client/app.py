@@ -24,20 +24,22 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from client.data import Cohort, CohortValidationError, load_cohort, split_holdout
-from client.node import NodeSettings, get_value, load_ledger, node_settings, save_ledger, set_value
+from client.node import NodeSettings, load_ledger, load_plan, node_settings, save_ledger, save_plan
 from client.tasks import (
     TrainRequest,
     audit_answers,
+    fits_target,
     handshake_statistics,
     plan_noise_multiplier,
+    plan_target_epsilon,
     rebuild_encoder_from,
     sequence_answers,
     train_round,
 )
 from configs.settings import RunSettings, settings_from_run_config
 from models.encoder import EncoderError
-from privacy.ledger import BudgetExceededError
-from strategies.fedavg import NODE_INFO_KEY
+from privacy.ledger import BudgetExceededError, PrivacyLedger
+from strategies.fedavg import FEDERATION_ID, NODE_INFO_KEY
 
 logger = logging.getLogger(__name__)
 # Opacus warns about its non-cryptographic RNG and hook details on every round; the choice is
@@ -51,9 +53,9 @@ app = ClientApp()
 _REFUSALS = (CohortValidationError, BudgetExceededError, EncoderError)
 
 
-def _setup(context: Context) -> tuple[RunSettings, NodeSettings]:
+def _setup(context: Context, message: Message) -> tuple[RunSettings, NodeSettings]:
     settings = settings_from_run_config(dict(context.run_config))
-    node = node_settings(context, settings)
+    node = node_settings(context, settings, _federation_id(message))
     torch.set_num_threads(settings.runtime.threads_per_client)
     return settings, node
 
@@ -72,6 +74,11 @@ def _noise_seed(settings: RunSettings, node: NodeSettings, salt: int) -> int | N
     return settings.federation.seed * 100_003 + zlib.crc32(node.hospital.encode()) % 997 * 101 + salt
 
 
+def _federation_id(message: Message) -> str:
+    config = message.content.config_records.get("config")
+    return str(config.get(FEDERATION_ID, "")) if config is not None else ""
+
+
 def _refuse(message: Message, node: NodeSettings, err: Exception) -> Message:
     reason = f"{node.hospital}: {err}"
     logger.warning("refusing %s: %s", message.metadata.message_type, reason)
@@ -85,7 +92,7 @@ def _node_info(node: NodeSettings, **extra: str) -> ConfigRecord:
 @app.query("handshake")
 def handshake(message: Message, context: Context) -> Message:
     """Validate the local cohort, then answer counts + DP histograms (charged to the ledger)."""
-    settings, node = _setup(context)
+    settings, node = _setup(context, message)
     schema = settings.load_schema()
     announced = str(message.content.config_records["config"]["schema-hash"])
     try:
@@ -152,17 +159,13 @@ def _train_request(config: ConfigRecord) -> TrainRequest:
 @app.train("sequence")
 def train_model(message: Message, context: Context) -> Message:
     """One round of local DP-SGD on a generator; refuses past the node's budget."""
-    settings, node = _setup(context)
+    settings, node = _setup(context, message)
     request = _train_request(message.content.config_records["config"])
     state = OrderedDict(message.content.array_records["arrays"].to_torch_state_dict())
     try:
         cohort, _ = _split_cohort(settings, node)
         ledger = load_ledger(context, node)
-        sigma_key = f"sigma.{request.model_name}"
-        sigma = get_value(context, sigma_key)
-        if sigma is None:  # first round of this model: spread the remaining budget over all rounds
-            sigma = plan_noise_multiplier(ledger, n_records=cohort.n_patients, request=request)
-            set_value(context, sigma_key, sigma)
+        sigma = _noise_plan(context, node, ledger, cohort.n_patients, request, _federation_id(message))
         new_state, report = train_round(
             cohort,
             settings,
@@ -187,13 +190,62 @@ def train_model(message: Message, context: Context) -> Message:
     return Message(content, reply_to=message)
 
 
+def _noise_plan(
+    context: Context,
+    node: NodeSettings,
+    ledger: PrivacyLedger,
+    n_records: int,
+    request: TrainRequest,
+    federation_id: str,
+) -> float:
+    """Sigma for this round: planned at the model's first round, kept for the rest of the run.
+
+    The plan (target epsilon, sigma) is stored with the ledger under the federation id, so a
+    resumed run goes on with the same sigma. If a round was charged twice (the server crashed
+    after the node trained it, and the resumed run asks again), sigma is re-spread so the rounds
+    left still end at the same target: the budget split between models never moves.
+    """
+    key = f"plan.{federation_id}.{request.model_name}"
+    plan = load_plan(context, node, key)
+    if plan is None:
+        target = plan_target_epsilon(ledger, request)
+        plan = {
+            "target": target,
+            "sigma": plan_noise_multiplier(ledger, n_records=n_records, request=request),
+        }
+    elif not fits_target(
+        ledger, n_records=n_records, request=request, sigma=plan["sigma"], target=plan["target"]
+    ):
+        sigma = plan_noise_multiplier(
+            ledger, n_records=n_records, request=request, target_epsilon=plan["target"]
+        )
+        logger.warning(
+            "%s: rounds left re-planned at sigma %.3f (a round was charged twice)", node.hospital, sigma
+        )
+        plan = {**plan, "sigma": sigma}
+    save_plan(context, node, key, plan)
+    return float(plan["sigma"])
+
+
+@app.query("identify")
+def identify(message: Message, context: Context) -> Message:
+    """Which hospital this node is (for a resumed run): reads no patient data, spends no epsilon."""
+    settings, node = _setup(context, message)
+    return Message(
+        RecordDict(
+            {NODE_INFO_KEY: _node_info(node, **{"schema-hash": settings.load_schema().schema_hash()})}
+        ),
+        reply_to=message,
+    )
+
+
 @app.query("audit")
 def audit(message: Message, context: Context) -> Message:
     """DCR and membership-inference attacks on this hospital's members vs its held-out records.
 
     The server sends an encoded synthetic sample; the answer holds aggregates and counts only.
     """
-    settings, node = _setup(context)
+    settings, node = _setup(context, message)
     config = message.content.config_records["config"]
     try:
         encoder = rebuild_encoder_from(

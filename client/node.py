@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from configs.settings import RunSettings
 from privacy.ledger import PrivacyLedger
+from privacy.storage import atomic_write_text
 
 STATE_KEY = "mindfed"
 
@@ -30,10 +32,14 @@ class NodeSettings(BaseModel):
     reproducible_noise: bool
 
 
-def node_settings(context: Context, run: RunSettings) -> NodeSettings:
+def node_settings(context: Context, run: RunSettings, federation_id: str = "") -> NodeSettings:
     """Deployment: `data-dir`, `max-epsilon`, ... from the node config. Simulation: partition id.
 
     The run's privacy figures can only lower the node's: min(node, run) for epsilon and delta.
+    A deployed node's state folder is its own (one ledger for its data, across every run). A
+    simulated hospital exists for one simulated federation: its state lives under the run's
+    out-dir, in a folder per federation id, so a resumed simulation finds its ledger again
+    and a fresh one starts with a fresh ledger.
     """
     config: dict[str, Any] = dict(context.node_config)
     if "data-dir" in config:
@@ -56,13 +62,15 @@ def node_settings(context: Context, run: RunSettings) -> NodeSettings:
     folders = hospital_folders(Path(cohort_dir))
     if partition >= len(folders):
         raise ValueError(f"simulated node {partition} has no hospital folder (found {len(folders)})")
+    out_dir = Path(str(context.run_config.get("out-dir", "mindfed-out")))
+    hospital = folders[partition].name
     return NodeSettings(
-        hospital=folders[partition].name,
+        hospital=hospital,
         data_dir=folders[partition],
         max_epsilon=run.privacy.max_epsilon,
         delta=run.privacy.delta,
         device=run.runtime.device,
-        state_dir=None,
+        state_dir=out_dir / "state" / "nodes" / federation_id / hospital if federation_id else None,
         reproducible_noise=True,
     )
 
@@ -115,10 +123,24 @@ def save_ledger(context: Context, node: NodeSettings, ledger: PrivacyLedger) -> 
         ledger.save(node.state_dir / "ledger.json")
 
 
-def get_value(context: Context, key: str) -> Any | None:
-    state = _state(context)
-    return state.get(key, None)
+def load_plan(context: Context, node: NodeSettings, key: str) -> dict[str, float] | None:
+    """A model's privacy plan in this federation ({"target": epsilon, "sigma": ...}), if made."""
+    if key in _state(context):
+        return json.loads(str(_state(context)[key]))
+    plans = _read_plans(node)
+    return plans.get(key)
 
 
-def set_value(context: Context, key: str, value: Any) -> None:
-    _state(context)[key] = value
+def save_plan(context: Context, node: NodeSettings, key: str, plan: dict[str, float]) -> None:
+    """Kept with the ledger: a restarted node or a resumed run keeps the same target epsilon."""
+    _state(context)[key] = json.dumps(plan)
+    if node.state_dir is not None:
+        plans = _read_plans(node) | {key: plan}
+        atomic_write_text(node.state_dir / "plans.json", json.dumps(plans, indent=1))
+
+
+def _read_plans(node: NodeSettings) -> dict[str, dict[str, float]]:
+    path = node.state_dir / "plans.json" if node.state_dir else None
+    if path is None or not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -108,19 +108,44 @@ def rebuild_encoder_from(encoder_json: str, announced_hash: str, schema: CohortS
     return encoder
 
 
-def plan_noise_multiplier(ledger: PrivacyLedger, *, n_records: int, request: TrainRequest) -> float:
-    """Sigma that lets this model's remaining rounds spend at most its share of what is left.
+def plan_target_epsilon(ledger: PrivacyLedger, request: TrainRequest) -> float:
+    """Cumulative epsilon this model may bring the ledger to: its share of what is left now.
 
-    The target is cumulative (the ledger composes it with every earlier charge), and never
-    above the hospital's own max epsilon.
+    Never above the hospital's own max epsilon; fixed at the model's first round and kept
+    (with the node's state) so a resumed run spreads the same target over the rounds left.
+    """
+    spent = ledger.spent()
+    return spent + min(1.0, request.budget_share) * (ledger.max_epsilon - spent)
+
+
+def plan_noise_multiplier(
+    ledger: PrivacyLedger, *, n_records: int, request: TrainRequest, target_epsilon: float | None = None
+) -> float:
+    """Sigma that lets this model's remaining rounds bring the ledger to `target_epsilon` at most.
+
+    The target is cumulative (the ledger composes it with every earlier charge); by default it
+    is `plan_target_epsilon`.
     """
     per_epoch = steps_per_epoch(n_records, request.batch_size)
-    spent = ledger.spent()
+    target = plan_target_epsilon(ledger, request) if target_epsilon is None else target_epsilon
     return ledger.calibrate_noise_multiplier(
-        target_epsilon=spent + min(1.0, request.budget_share) * (ledger.max_epsilon - spent),
+        target_epsilon=target,
         sample_rate=1.0 / per_epoch,
         steps=request.rounds_remaining * request.local_epochs * per_epoch,
     )
+
+
+def fits_target(
+    ledger: PrivacyLedger, *, n_records: int, request: TrainRequest, sigma: float, target: float
+) -> bool:
+    """Do the remaining rounds at `sigma` stay within `target`? False after a round was redone."""
+    per_epoch = steps_per_epoch(n_records, request.batch_size)
+    after = ledger.epsilon_if(
+        noise_multiplier=sigma,
+        sample_rate=1.0 / per_epoch,
+        steps=request.rounds_remaining * request.local_epochs * per_epoch,
+    )
+    return after <= target * (1 + 1e-9)
 
 
 def train_round(

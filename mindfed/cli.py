@@ -82,6 +82,9 @@ def simulate(
         Path | None, typer.Option(help="Your own cohort: one data-contract sub-folder per hospital.")
     ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's own logs.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Go on from OUT/checkpoint after the last completed round (same settings).")
+    ] = False,
 ) -> None:
     """Run a federation through Flower's simulation engine (default: the embedded demo cohort)."""
     _setup_logging(verbose)
@@ -97,7 +100,9 @@ def simulate(
         if value is not None
     }
     with _user_errors():
-        outcome = run_simulation(config=config, overrides=overrides, out_dir=out, cohort_dir=cohort)
+        outcome = run_simulation(
+            config=config, overrides=overrides, out_dir=out, cohort_dir=cohort, resume=resume
+        )
     final = outcome.metrics["final"]
     console.print(f"[bold green]done[/]: results in {outcome.out_dir}")
     console.print(

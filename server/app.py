@@ -20,7 +20,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     settings = settings_from_run_config(dict(context.run_config))
     out_dir = Path(str(context.run_config.get("out-dir", "mindfed-out")))
-    metrics = run_federation(grid, settings, out_dir)
+    resume = str(context.run_config.get("resume", False)).lower() in ("true", "1")
+    metrics = run_federation(grid, settings, out_dir, resume=resume)
     logger.info(
         "run finished: column-shape vs DP reference %.4f, results in %s",
         metrics["final"]["column_shape_vs_dp_reference"],

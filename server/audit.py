@@ -21,7 +21,7 @@ from models.statistics import Histograms
 from privacy.attacks import FPR_GRID
 from privacy.storage import atomic_write_text
 from server.report import GateThresholds, ReportResult, write_report
-from strategies.fedavg import hospital_of
+from strategies.fedavg import FEDERATION_ID, hospital_of
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,13 @@ def request_audit(
     encoder: TabularEncoder,
     timeout_s: float,
     weeks: np.ndarray | None = None,
+    *,
+    federation_id: str = "",
 ) -> AuditAnswers:
     """Send the encoded synthetic sample (and its weeks); collect every hospital's aggregates."""
-    config = ConfigRecord({"encoder": encoder.to_json(), "encoder-hash": encoder.hash})
+    config = ConfigRecord(
+        {"encoder": encoder.to_json(), "encoder-hash": encoder.hash, FEDERATION_ID: federation_id}
+    )
     arrays = {"encoded": Array(sample)} | ({"weeks": Array(weeks)} if weeks is not None else {})
     content = RecordDict({"config": config, "synthetic": ArrayRecord(arrays)})
     messages = [Message(content, dst_node_id=n, message_type="query.audit") for n in node_ids]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,21 @@ from server.audit import (
     request_audit,
     save_audit_inputs,
 )
+from server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    RunProgress,
+    flat_settings,
+    ledger_summaries,
+    load_checkpoint,
+    now_iso,
+    round_log_dicts,
+    save_checkpoint,
+    settings_changes,
+)
 from server.export import HospitalSummary, export_run
 from server.sadqc import SADQC, QualityScores, SADQCConfig, filter_anomalies, score_sample
-from strategies.fedavg import RoundLog, ValidatedFedAvg, hospital_of
+from strategies.fedavg import FEDERATION_ID, RoundLog, ValidatedFedAvg, hospital_of
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +63,8 @@ class HandshakeResult:
     hospitals: dict[int, HospitalSummary]
     reference: Histograms
     refusals: list[dict[str, Any]] = field(default_factory=list)
-    moments: SequenceMoments | None = None
-    reference_pairs: Histograms = field(
-        default_factory=dict
-    )  # merged DP pair tables  # merged DP sequence moments, when a sequence model runs
+    moments: SequenceMoments | None = None  # merged DP sequence moments, when a sequence model runs
+    reference_pairs: Histograms = field(default_factory=dict)  # merged DP pair tables
 
 
 def wait_for_nodes(grid: Grid, *, wanted: int, minimum: int, timeout_s: float) -> list[int]:
@@ -107,10 +118,18 @@ def _moments_of(reply: Message, schema: CohortSchema) -> SequenceMoments | str:
 
 
 def run_handshake(
-    grid: Grid, node_ids: list[int], schema: CohortSchema, timeout_s: float, *, with_moments: bool = False
+    grid: Grid,
+    node_ids: list[int],
+    schema: CohortSchema,
+    timeout_s: float,
+    *,
+    with_moments: bool = False,
+    federation_id: str = "",
 ) -> HandshakeResult:
     """Phase 1: every node validates its data and answers counts + DP histograms (+ DP moments)."""
-    config = ConfigRecord({"schema-hash": schema.schema_hash(), "with-moments": with_moments})
+    config = ConfigRecord(
+        {"schema-hash": schema.schema_hash(), "with-moments": with_moments, FEDERATION_ID: federation_id}
+    )
     content = RecordDict({"config": config})
     messages = [Message(content, dst_node_id=n, message_type="query.handshake") for n in node_ids]
     # Sorted by hospital so the merged float sums (and the encoder hash) repeat run to run.
@@ -219,7 +238,9 @@ def sequence_scorer(
     return score
 
 
-def _stage_config(stage: Stage, encoder: TabularEncoder, settings: RunSettings) -> ConfigRecord:
+def _stage_config(
+    stage: Stage, encoder: TabularEncoder, settings: RunSettings, federation_id: str
+) -> ConfigRecord:
     fed = settings.federation
     return ConfigRecord(
         {
@@ -234,9 +255,25 @@ def _stage_config(stage: Stage, encoder: TabularEncoder, settings: RunSettings) 
             "local-epochs": fed.local_epochs,
             "batch-size": fed.batch_size,
             "seed": fed.seed,
+            FEDERATION_ID: federation_id,
             **stage.extra_config,
         }
     )
+
+
+@dataclass
+class StageStart:
+    """Where a stage's rounds begin: round 1 from the model's weights, or mid-way from a checkpoint."""
+
+    first_round: int = 1
+    arrays: ArrayRecord | None = None  # what round `first_round` is sent (None: the model's weights)
+    best: ArrayRecord | None = None  # the controller's best round so far
+    scores: dict[int, float] = field(default_factory=dict)
+    logs: list[RoundLog] = field(default_factory=list)
+
+
+# after_round(stage, server_round, next_arrays, best_arrays, logs, scores): the checkpoint hook.
+AfterRound = Callable[[Stage, int, ArrayRecord, ArrayRecord | None, list[RoundLog], dict[int, float]], None]
 
 
 def run_stage(
@@ -248,24 +285,32 @@ def run_stage(
     participants: set[int],
     progress: Progress,
     task: Any,
-    state_dir: Path | None = None,
+    federation_id: str = "",
+    start: StageStart | None = None,
+    after_round: AfterRound | None = None,
 ) -> StageOutcome:
     """Flower's strategy loop for one stage; the model ends holding its best (or last) weights.
 
-    With a controller, its state (thresholds, best round, decisions) is written to `state_dir`
-    after every round, atomically, so a later resume can pick it up.
+    `after_round` is called once every round is complete (aggregated, scored, the controller's
+    decision taken) with the weights the next round will be sent: the server checkpoints there.
     """
     fed = settings.federation
+    start = start or StageStart()
     strategy = ValidatedFedAvg(
         action=stage.action,
         min_replies=fed.min_replies,
-        min_train_nodes=fed.min_replies,
-        min_available_nodes=fed.min_replies,
+        quorum_timeout_s=fed.round_timeout_s,
     )
     strategy.participants = participants
+    strategy.rounds = list(start.logs)
 
-    train_config = _stage_config(stage, encoder, settings)
-    best: dict[str, Any] = {"arrays": ArrayRecord(stage.model.state_dict())}  # round 0 is the fallback
+    train_config = _stage_config(stage, encoder, settings, federation_id)
+    initial = start.arrays if start.arrays is not None else ArrayRecord(stage.model.state_dict())
+    # The controller's best round so far; before any, the starting weights are the fallback.
+    best: dict[str, Any] = {"arrays": start.best if start.best is not None else initial}
+    scores = dict(start.scores)
+    if stage.controller is not None:
+        train_config["lr-multiplier"] = float(stage.controller.training_overrides()["lr_multiplier"])
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -282,32 +327,36 @@ def run_stage(
             elif decision.action == "rollback":
                 strategy.override_arrays = best["arrays"]
             train_config["lr-multiplier"] = float(stage.controller.training_overrides()["lr_multiplier"])
-            if state_dir is not None:
-                atomic_write_text(
-                    state_dir / f"sadqc-{stage.model.registry_name}.json",
-                    json.dumps(stage.controller.state_dict()),
-                )
         else:
             assert stage.score is not None, f"stage {stage.label} has neither a controller nor a score"
             score = stage.score(server_round)
+        scores[server_round] = score
         logger.info("%s round %d: quality score %.4f", stage.label, server_round, score)
         progress.update(task, advance=1, description=f"{stage.label} round {server_round}: {score:.3f}")
         return MetricRecord({"score": score})
 
+    def round_done(server_round: int, next_arrays: ArrayRecord) -> None:
+        for log in strategy.rounds:
+            log.stage = stage.label
+        if after_round is not None:
+            best_arrays = best["arrays"] if stage.controller is not None else None
+            after_round(stage, server_round, next_arrays, best_arrays, strategy.rounds, scores)
+
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(stage.model.state_dict()),
+        initial_arrays=initial,
         num_rounds=stage.rounds,
         timeout=fed.round_timeout_s,
         train_config=train_config,
         evaluate_fn=evaluate,
+        first_round=start.first_round,
+        after_round=round_done,
     )
     final = best["arrays"] if stage.controller is not None else result.arrays
     if len(final) > 0:  # the controller's best round, else the last aggregate
         stage.model.load_state_dict(final.to_torch_state_dict())
     for log in strategy.rounds:
         log.stage = stage.label
-    scores = {r: float(m["score"]) for r, m in result.evaluate_metrics_serverapp.items()}
     return StageOutcome(strategy.rounds, scores)
 
 
@@ -369,27 +418,221 @@ def plan_stages(
     return table, sequence, stages
 
 
-def run_federation(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str, Any]:
-    """All phases; returns the metrics written to `out_dir/metrics.json`."""
+class Checkpointer:
+    """Writes `out/checkpoint/` after every completed round and puts a resumed run back in place.
+
+    A checkpoint holds the global weights of every model (and the controller's best round),
+    the strategy and SA-DQC state, the round logs and scores so far, the handshake's DP
+    statistics (so a resume spends no epsilon on them again) and each hospital's latest epsilon.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        federation_id: str,
+        settings: RunSettings,
+        encoder: TabularEncoder,
+        handshake: HandshakeResult,
+        stages: list[Stage],
+    ):
+        self.out_dir, self.federation_id, self.settings = Path(out_dir), federation_id, settings
+        self.encoder, self.handshake, self.stages = encoder, handshake, stages
+        self.rounds: list[RoundLog] = []  # of completed stages
+        self.scores: dict[str, dict[int, float]] = {}
+
+    def _models(self) -> dict[str, Any]:
+        return {stage.model.registry_name: stage.model for stage in self.stages}
+
+    def stage_finished(self, stage: Stage, outcome: StageOutcome) -> None:
+        self.rounds.extend(outcome.rounds)
+        self.scores[stage.label] = outcome.scores
+
+    def after_round(
+        self,
+        stage: Stage,
+        server_round: int,
+        next_arrays: ArrayRecord,
+        best: ArrayRecord | None,
+        logs: list[RoundLog],
+        scores: dict[int, float],
+    ) -> None:
+        name = stage.model.registry_name
+        weights = {n: ArrayRecord(m.state_dict()) for n, m in self._models().items() if n != name}
+        weights[name] = next_arrays
+        if best is not None:
+            weights[f"{name}.best"] = best
+        all_logs = [*self.rounds, *logs]
+        hospitals = {h.hospital: asdict(h) for h in self.handshake.hospitals.values()}
+        progress = RunProgress(
+            federation_id=self.federation_id,
+            settings=flat_settings(self.settings),
+            encoder_json=self.encoder.to_json(),
+            stage_index=self.stages.index(stage),
+            stage_label=stage.label,
+            rounds_done=server_round,
+            total_rounds_done=sum(s.rounds for s in self.stages[: self.stages.index(stage)]) + server_round,
+            hospitals=hospitals,
+            refusals=self.handshake.refusals,
+            moments_json=self.handshake.moments.to_json() if self.handshake.moments else None,
+            controller=self.stages[0].controller.state_dict() if self.stages[0].controller else None,
+            round_logs=round_log_dicts(all_logs),
+            stage_scores={
+                **{k: {str(r): v for r, v in s.items()} for k, s in self.scores.items()},
+                stage.label: {str(r): v for r, v in scores.items()},
+            },
+            ledger_summaries=ledger_summaries(
+                {h.hospital: h for h in self.handshake.hospitals.values()}, all_logs
+            ),
+            written_at=now_iso(),
+        )
+        if stage.controller is not None:  # also on its own, for an operator to read
+            atomic_write_text(
+                self.out_dir / "state" / f"sadqc-{name}.json", json.dumps(stage.controller.state_dict())
+            )
+        save_checkpoint(
+            self.out_dir,
+            progress,
+            weights=weights,
+            statistics={"reference": self.handshake.reference, "pairs": self.handshake.reference_pairs},
+        )
+        logger.info("checkpoint: %s round %d of %d written", stage.label, server_round, stage.rounds)
+
+    def restore(self, checkpoint: Checkpoint) -> tuple[int, StageStart]:
+        """Load the checkpoint's weights and state; returns the stage to go on with and its start."""
+        saved = checkpoint.progress
+        index, stage = saved.stage_index, self.stages[saved.stage_index]
+        if stage.label != saved.stage_label or stage.rounds < saved.rounds_done:
+            raise CheckpointError(
+                f"checkpoint is at {saved.stage_label} round {saved.rounds_done}, which this plan "
+                f"({stage.label}, {stage.rounds} rounds) does not have"
+            )
+        for name, model in self._models().items():
+            if checkpoint.has(name):
+                model.load_state_dict(checkpoint.weights(name).to_torch_state_dict())
+        if saved.controller is not None and self.stages[0].controller is not None:
+            self.stages[0].controller.state = (
+                type(self.stages[0].controller).from_state(saved.controller).state
+            )
+        logs, scores = saved.logs(), saved.scores()
+        labels = [s.label for s in self.stages[:index]]
+        self.rounds = [log for log in logs if log.stage in labels]
+        self.scores = {label: scores.get(label, {}) for label in labels}
+        name = stage.model.registry_name
+        best = checkpoint.weights(f"{name}.best") if checkpoint.has(f"{name}.best") else None
+        if saved.rounds_done == stage.rounds:  # the stage was complete: its model ends on its best
+            if best is not None:
+                stage.model.load_state_dict(best.to_torch_state_dict())
+            self.stage_finished(
+                stage,
+                StageOutcome([log for log in logs if log.stage == stage.label], scores.get(stage.label, {})),
+            )
+            return index + 1, StageStart()
+        return index, StageStart(
+            first_round=saved.rounds_done + 1,
+            arrays=checkpoint.weights(name),
+            best=best,
+            scores=scores.get(stage.label, {}),
+            logs=[log for log in logs if log.stage == stage.label],
+        )
+
+
+def identify_nodes(grid: Grid, node_ids: list[int], timeout_s: float) -> dict[int, str]:
+    """node id -> hospital name, asked with `query.identify` (no data read, no epsilon spent)."""
+    messages = [
+        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type="query.identify")
+        for n in node_ids
+    ]
+    replies = grid.send_and_receive(messages, timeout=timeout_s)
+    return {r.metadata.src_node_id: hospital_of(r) for r in replies if not r.has_error()}
+
+
+def resumed_handshake(
+    grid: Grid, node_ids: list[int], checkpoint: Checkpoint, settings: RunSettings
+) -> HandshakeResult:
+    """The checkpointed handshake, re-keyed to the node ids the hospitals have now."""
+    saved = checkpoint.progress
+    summaries = saved.hospital_summaries()
+    names = identify_nodes(grid, node_ids, settings.federation.round_timeout_s)
+    nodes = {node: summaries[name] for node, name in sorted(names.items()) if name in summaries}
+    if len(nodes) < settings.federation.min_replies:
+        raise CheckpointError(
+            f"resume: {len(nodes)} of the checkpointed hospitals {sorted(summaries)} answered "
+            f"(online: {sorted(names.values())}); quorum is {settings.federation.min_replies}"
+        )
+    missing = sorted(set(summaries) - {s.hospital for s in nodes.values()})
+    if missing:
+        logger.warning("resume: hospitals %s are not online; the run goes on without them", missing)
+    return HandshakeResult(
+        node_ids=sorted(nodes),
+        hospitals=nodes,
+        reference=checkpoint.statistics("reference"),
+        refusals=saved.refusals,
+        moments=SequenceMoments.from_json(saved.moments_json) if saved.moments_json else None,
+        reference_pairs=checkpoint.statistics("pairs"),
+    )
+
+
+def run_federation(
+    grid: Grid, settings: RunSettings, out_dir: Path, *, resume: bool = False
+) -> dict[str, Any]:
+    """All phases; returns the metrics written to `out_dir/metrics.json`.
+
+    With `resume`, the run goes on from `out_dir/checkpoint` at the round after the last
+    completed one, with the same federation id, encoder and DP statistics; a checkpoint made
+    with other settings (operational knobs aside) is refused, listing what differs.
+    """
     fed = settings.federation
     schema = settings.load_schema()
     node_ids = wait_for_nodes(
         grid, wanted=fed.hospitals, minimum=fed.min_replies, timeout_s=fed.round_timeout_s
     )
-    handshake = run_handshake(
-        grid, node_ids, schema, fed.round_timeout_s, with_moments=bool(settings.model.sequence)
-    )
-    encoder = TabularEncoder.from_histograms(schema, handshake.reference)
+    checkpoint: Checkpoint | None = None
+    if resume:
+        checkpoint = load_checkpoint(out_dir)
+        changes = settings_changes(checkpoint.progress.settings, settings)
+        if changes:
+            raise CheckpointError(
+                "resume refused, the settings differ from the checkpointed run: " + "; ".join(changes)
+            )
+        federation_id = checkpoint.progress.federation_id
+        handshake = resumed_handshake(grid, node_ids, checkpoint, settings)
+        encoder = TabularEncoder.from_json(checkpoint.progress.encoder_json, schema)
+        logger.info(
+            "resuming federation %s after %s round %d",
+            federation_id,
+            checkpoint.progress.stage_label,
+            checkpoint.progress.rounds_done,
+        )
+    else:
+        federation_id = secrets.token_hex(8)
+        handshake = run_handshake(
+            grid,
+            node_ids,
+            schema,
+            fed.round_timeout_s,
+            with_moments=bool(settings.model.sequence),
+            federation_id=federation_id,
+        )
+        encoder = TabularEncoder.from_histograms(schema, handshake.reference)
     logger.info(
         "encoder %s built from DP statistics of %d hospital(s)", encoder.hash[:12], len(handshake.node_ids)
     )
 
     table, sequence, stages = plan_stages(settings, encoder, handshake)
-    rounds: list[RoundLog] = []
-    scores: dict[str, dict[int, float]] = {}
+    checkpointer = Checkpointer(
+        out_dir,
+        federation_id=federation_id,
+        settings=settings,
+        encoder=encoder,
+        handshake=handshake,
+        stages=stages,
+    )
+    first_stage, start = checkpointer.restore(checkpoint) if checkpoint else (0, StageStart())
+    remaining = sum(s.rounds for s in stages[first_stage:]) - (start.first_round - 1)
     with Progress(transient=False) as progress:
-        task = progress.add_task("federated training", total=sum(stage.rounds for stage in stages))
-        for stage in stages:
+        task = progress.add_task("federated training", total=remaining)
+        for stage in stages[first_stage:]:
             outcome = run_stage(
                 grid,
                 stage,
@@ -398,13 +641,23 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str
                 participants=set(handshake.node_ids),
                 progress=progress,
                 task=task,
-                state_dir=Path(out_dir) / "state",
+                federation_id=federation_id,
+                start=start,
+                after_round=checkpointer.after_round,
             )
-            rounds.extend(outcome.rounds)
-            scores[stage.label] = outcome.scores
+            checkpointer.stage_finished(stage, outcome)
+            start = StageStart()
     synthetic, timeseries = sample_linked(table, sequence, settings.export.synthetic_rows, seed=fed.seed)
     synthetic, timeseries, audit = release_and_audit(
-        grid, settings, handshake, encoder, stages[0].controller, synthetic, timeseries, out_dir
+        grid,
+        settings,
+        handshake,
+        encoder,
+        stages[0].controller,
+        synthetic,
+        timeseries,
+        out_dir,
+        federation_id=federation_id,
     )
     return export_run(
         out_dir,
@@ -415,10 +668,10 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path) -> dict[str
         timeseries=timeseries,
         handshake_hospitals=handshake.hospitals,
         refusals=handshake.refusals,
-        rounds=rounds,
-        stage_scores=scores,
+        rounds=checkpointer.rounds,
+        stage_scores=checkpointer.scores,
         reference=handshake.reference,
-        extra_metrics=audit,
+        extra_metrics={**audit, "federation_id": federation_id, "resumed": resume},
     )
 
 
@@ -431,6 +684,8 @@ def release_and_audit(
     synthetic: pd.DataFrame,
     timeseries: pd.DataFrame | None,
     out_dir: Path,
+    *,
+    federation_id: str = "",
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, Any]]:
     """SA-DQC filters the final set, hospitals audit it, the report is written; returns what is released."""
     schema, fed = encoder.schema, settings.federation
@@ -458,7 +713,15 @@ def release_and_audit(
             timeseries[timeseries[schema.id_column].isin(set(audited[schema.id_column]))],
             audited[schema.id_column],
         )
-    answers = request_audit(grid, sorted(handshake.node_ids), sample, encoder, fed.round_timeout_s, weeks)
+    answers = request_audit(
+        grid,
+        sorted(handshake.node_ids),
+        sample,
+        encoder,
+        fed.round_timeout_s,
+        weeks,
+        federation_id=federation_id,
+    )
     dcr, attacks, ledgers, refusals = answers.dcr, answers.attacks, answers.ledgers, answers.refusals
     check_aggregate_only(dcr + attacks)
     inputs = {

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,12 +101,18 @@ def _sequence_check(
 
 
 def simulate(
-    *, config: Path | None, overrides: dict[str, Any], out_dir: Path, cohort_dir: Path | None = None
+    *,
+    config: Path | None,
+    overrides: dict[str, Any],
+    out_dir: Path,
+    cohort_dir: Path | None = None,
+    resume: bool = False,
 ) -> SimulationOutcome:
     """Run a federation on one machine: the embedded demo cohort, or your own hospital folders.
 
     With `cohort_dir`, each sub-folder is one hospital's data-contract folder and the number of
-    hospitals is the number of sub-folders; without it the demo cohort is generated.
+    hospitals is the number of sub-folders; without it the demo cohort is generated. With
+    `resume`, the run in `out_dir` goes on after its last checkpointed round (same settings).
     """
     from client.node import hospital_folders
 
@@ -124,11 +131,21 @@ def simulate(
         "overrides": format_overrides(overrides),
         "cohort-dir": str(cohort_dir),
         "out-dir": str(out_dir),
+        "resume": resume,
     }
+    started = time.time()
     _run_flower_simulation(settings, run_config)
     metrics_path = out_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise RuntimeError(f"the federation finished without writing {metrics_path}; see the log above")
+    # A metrics.json older than this run is an earlier run's: this one failed before its export.
+    if not metrics_path.is_file() or metrics_path.stat().st_mtime < started - 1:
+        raise RuntimeError(
+            f"the federation finished without writing {metrics_path}; see the log above"
+            + (
+                " (its last completed round is checkpointed: rerun with --resume)"
+                if (out_dir / "checkpoint" / "checkpoint.json").is_file()
+                else ""
+            )
+        )
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
     score = None
     if demo is not None:
