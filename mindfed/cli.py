@@ -53,6 +53,7 @@ def _user_errors(*extra: type[Exception]) -> Iterator[None]:
     from client.data import CohortValidationError
     from configs.errors import ConfigError
     from models.bundle import BundleError
+    from server.checkpoint import CheckpointError
     from server.phases import HandshakeError
 
     known = (
@@ -60,6 +61,7 @@ def _user_errors(*extra: type[Exception]) -> Iterator[None]:
         BundleError,
         CohortValidationError,
         HandshakeError,
+        CheckpointError,
         FileExistsError,
         NotADirectoryError,
     )

@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from pydantic import BaseModel, Field
 
 from privacy.storage import atomic_write_text
@@ -19,13 +22,27 @@ RDP_ORDERS: list[float] = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 129, 4), *r
 _SIGMA_LOW, _SIGMA_HIGH = 0.3, 200.0
 
 
+@lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one step at every order. Cached: a ledger's history repeats the same few (sigma, q)
+    pairs, and calibration asks for epsilon dozens of times over the same history."""
+    rdp = rdp_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS
+    )
+    rdp.setflags(write=False)
+    return rdp
+
+
 def _epsilon(accountant: RDPAccountant, delta: float) -> float:
+    """Opacus's RDPAccountant.get_privacy_spent over RDP_ORDERS, the same sum term for term."""
     if not accountant.history:
         return 0.0
+    rdp = sum(_rdp_per_step(float(sigma), float(rate)) * steps for sigma, rate, steps in accountant.history)
     with warnings.catch_warnings():
         # Calibration probes extreme sigmas whose best order is the largest; the bound stays valid.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(accountant.get_epsilon(delta=delta, alphas=RDP_ORDERS))
+        epsilon, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
+    return float(epsilon)
 
 
 class BudgetExceededError(RuntimeError):

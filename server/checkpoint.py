@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from configs.settings import RunSettings
@@ -93,6 +94,17 @@ def settings_changes(saved: dict[str, Any], settings: RunSettings) -> list[str]:
     ]
 
 
+def resumable_checkpoint(out_dir: Path, settings: RunSettings) -> Checkpoint:
+    """The checkpoint a resume goes on from; refused if missing, malformed or made with other settings."""
+    checkpoint = load_checkpoint(out_dir)
+    changes = settings_changes(checkpoint.progress.settings, settings)
+    if changes:
+        raise CheckpointError(
+            "resume refused, the settings differ from the checkpointed run's: " + "; ".join(changes)
+        )
+    return checkpoint
+
+
 def ledger_summaries(hospitals: dict[str, HospitalSummary], logs: list[RoundLog]) -> dict[str, float]:
     """Latest epsilon each hospital's accountant reported: the handshake's, then each round's."""
     latest = {name: summary.epsilon for name, summary in hospitals.items()}
@@ -161,7 +173,7 @@ class Checkpoint:
         path = self.folder / f"{name}.safetensors"
         try:
             return load_file(str(path))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, SafetensorError) as err:
             raise CheckpointError(f"checkpoint file {path} is unreadable: {err}") from err
 
 

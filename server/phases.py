@@ -40,11 +40,10 @@ from server.checkpoint import (
     RunProgress,
     flat_settings,
     ledger_summaries,
-    load_checkpoint,
     now_iso,
+    resumable_checkpoint,
     round_log_dicts,
     save_checkpoint,
-    settings_changes,
 )
 from server.export import HospitalSummary, export_run
 from server.sadqc import SADQC, QualityScores, SADQCConfig, filter_anomalies, score_sample
@@ -589,12 +588,7 @@ def run_federation(
     )
     checkpoint: Checkpoint | None = None
     if resume:
-        checkpoint = load_checkpoint(out_dir)
-        changes = settings_changes(checkpoint.progress.settings, settings)
-        if changes:
-            raise CheckpointError(
-                "resume refused, the settings differ from the checkpointed run: " + "; ".join(changes)
-            )
+        checkpoint = resumable_checkpoint(out_dir, settings)
         federation_id = checkpoint.progress.federation_id
         handshake = resumed_handshake(grid, node_ids, checkpoint, settings)
         encoder = TabularEncoder.from_json(checkpoint.progress.encoder_json, schema)

@@ -118,14 +118,17 @@ def simulate(
 
     out_dir = Path(out_dir).resolve()
     demo: DemoCohort | None = None
-    if cohort_dir is None:
-        settings = load_settings(config, overrides)
-        cohort_dir = out_dir / "cohort"
-        demo = prepare_demo_cohort(settings, cohort_dir)
-    else:
+    if cohort_dir is not None:
         cohort_dir = Path(cohort_dir).resolve()
         overrides = {**overrides, "federation.hospitals": len(hospital_folders(cohort_dir))}
-        settings = load_settings(config, overrides)
+    settings = load_settings(config, overrides)
+    if resume:  # refuse here, with the reason, before anything is written
+        from server.checkpoint import resumable_checkpoint
+
+        resumable_checkpoint(out_dir, settings)
+    if cohort_dir is None:
+        cohort_dir = out_dir / "cohort"
+        demo = prepare_demo_cohort(settings, cohort_dir)
     run_config = {
         "config-file": str(Path(config).resolve()) if config else "",
         "overrides": format_overrides(overrides),

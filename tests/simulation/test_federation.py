@@ -13,6 +13,8 @@ from configs.schema import load_schema
 from configs.settings import load_settings
 from mindfed.cli import app
 from models.bundle import load_linked_bundle, sample_linked
+from server.checkpoint import CheckpointError
+from server.phases import Checkpointer
 from simulation.runner import prepare_demo_cohort, simulate
 
 pytestmark = pytest.mark.integration
@@ -123,3 +125,47 @@ def test_same_config_and_seed_give_the_same_synthetic_data(tiny_run, tmp_path: P
     first = (tiny_run.out_dir / "synthetic" / "static.csv").read_bytes()
     assert (again.out_dir / "synthetic" / "static.csv").read_bytes() == first
     assert again.metrics["bundle"]["encoder_hash"] == tiny_run.metrics["bundle"]["encoder_hash"]
+
+
+class ServerKilled(BaseException):
+    """Raised right after a checkpoint, as a kill -9 of the server would cut the run there."""
+
+
+def test_run_cut_after_a_round_resumes_at_the_next_and_matches_an_uncut_run(
+    tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "cut"
+    checkpoint = Checkpointer.after_round
+
+    def killed_after_round_1(self, stage, server_round, *args) -> None:
+        checkpoint(self, stage, server_round, *args)
+        if stage.label == "dp-ctgan" and server_round == 1:
+            raise ServerKilled
+
+    monkeypatch.setattr(Checkpointer, "after_round", killed_after_round_1)
+    with pytest.raises(RuntimeError, match="rerun with --resume"):
+        simulate(config=None, overrides=TINY, out_dir=out)
+    saved = json.loads((out / "checkpoint" / "checkpoint.json").read_text(encoding="utf-8"))
+    assert (saved["stage_label"], saved["rounds_done"]) == ("dp-ctgan", 1)
+    monkeypatch.undo()
+
+    resumed = simulate(config=None, overrides=TINY, out_dir=out, resume=True)
+    stages_rounds = [(r["stage"], r["round"]) for r in resumed.metrics["rounds"]]
+    assert stages_rounds == [(r["stage"], r["round"]) for r in tiny_run.metrics["rounds"]]
+    assert len(set(stages_rounds)) == len(stages_rounds)  # nothing redone
+    assert resumed.metrics["resumed"] is True
+    assert resumed.metrics["federation_id"] == saved["federation_id"]
+    # Same seed, nothing lost or redone: the very same synthetic data and epsilon as the uncut run.
+    for name in ("static.csv", "timeseries.csv"):
+        assert (out / "synthetic" / name).read_bytes() == (tiny_run.out_dir / "synthetic" / name).read_bytes()
+    assert [h["epsilon"] for h in resumed.metrics["hospitals"]] == [
+        h["epsilon"] for h in tiny_run.metrics["hospitals"]
+    ]
+
+
+def test_resume_is_refused_without_a_checkpoint_or_with_other_settings(tiny_run, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        simulate(config=None, overrides=TINY, out_dir=tmp_path / "empty", resume=True)
+    other = {**TINY, "federation.rounds": 3}
+    with pytest.raises(CheckpointError, match=r"federation\.rounds: 2 -> 3"):
+        simulate(config=None, overrides=other, out_dir=tiny_run.out_dir, resume=True)

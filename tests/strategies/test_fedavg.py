@@ -12,7 +12,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.fedavg import NODE_INFO_KEY, ValidatedFedAvg, sum_metricrecords
+from strategies.fedavg import NODE_INFO_KEY, QuorumError, ValidatedFedAvg, sum_metricrecords
 from strategies.validation import check_update
 
 GOOD_NODES = (11, 22)
@@ -556,3 +556,95 @@ def test_check_update_allows_extreme_but_finite_values_in_integer_arrays() -> No
     arrays = _arrays(1)
     arrays["idx"] = np.array([np.iinfo(np.int64).max, 0, -1], dtype=np.int64)
     assert check_update(_update(arrays=arrays), _reference()) is None
+
+
+# --- dropout: a bounded quorum wait ---------------------------------------------------------
+
+
+def test_round_goes_only_to_participants_online_now() -> None:
+    strategy = ValidatedFedAvg(action="generator", min_replies=2, quorum_timeout_s=0.0)
+    strategy.participants = {11, 22, 33}
+    messages = strategy.configure_train(1, _reference(), ConfigRecord(), StaticGrid([22, 11, 44]))
+    assert [m.metadata.dst_node_id for m in messages] == [11, 22]  # 33 offline, 44 not a participant
+
+
+def test_quorum_wait_is_bounded_and_names_the_offline_nodes() -> None:
+    strategy = ValidatedFedAvg(action="generator", min_replies=2, quorum_timeout_s=0.0)
+    strategy.participants = {11, 22, 33}
+    with pytest.raises(QuorumError) as raised:
+        strategy.configure_train(4, _reference(), ConfigRecord(), StaticGrid([11]))
+    message = str(raised.value)
+    assert "round 4: 1 participating hospital(s) online" in message
+    assert "quorum is 2" in message
+    assert "offline node ids: [22, 33]" in message
+    assert "resume=true" in message
+
+
+# --- start: resuming mid-way and the checkpoint hook ----------------------------------------
+
+
+class AnsweringGrid(StaticGrid):
+    """Every node answers a train message with an update of scale = the round number."""
+
+    def __init__(self, node_ids: Iterable[int]) -> None:
+        super().__init__(node_ids)
+        self.rounds_sent: list[int] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.rounds_sent.extend({int(m.content.config_records["config"]["server-round"]) for m in messages})
+        return [
+            _reply(
+                m,
+                _content(
+                    _arrays(int(m.content.config_records["config"]["server-round"])), _metrics(1), f"h{i}"
+                ),
+            )
+            for i, m in enumerate(messages)
+        ]
+
+
+def test_start_from_a_checkpointed_round_runs_only_the_rounds_left() -> None:
+    strategy = ValidatedFedAvg(action="generator", quorum_timeout_s=0.0)
+    grid = AnsweringGrid(GOOD_NODES)
+    evaluated: list[int] = []
+    checkpoints: list[tuple[int, float]] = []
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        evaluated.append(server_round)
+        return MetricRecord({"score": float(server_round)})
+
+    result = strategy.start(
+        grid,
+        _reference(),
+        num_rounds=4,
+        evaluate_fn=evaluate,
+        first_round=3,
+        after_round=lambda r, arrays: checkpoints.append((r, float(arrays["t"].numpy()))),
+    )
+    assert grid.rounds_sent == [3, 4]
+    assert evaluated == [3, 4]  # no round-0 evaluation when resuming
+    assert [log.server_round for log in strategy.rounds] == [3, 4]
+    # the hook sees each completed round's aggregate: t = 2 x round for every node's update
+    assert checkpoints == [(3, 6.0), (4, 8.0)]
+    assert float(result.arrays["t"].numpy()) == 8.0
+    assert sorted(result.evaluate_metrics_serverapp) == [3, 4]
+
+
+def test_checkpoint_hook_gets_the_rollback_weights_the_next_round_is_sent() -> None:
+    strategy = ValidatedFedAvg(action="generator", quorum_timeout_s=0.0)
+    best = ArrayRecord({k: Array(v) for k, v in _arrays(9).items()})
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> None:
+        if server_round == 1:
+            strategy.override_arrays = best  # what SA-DQC does on a rollback
+
+    sent: list[ArrayRecord] = []
+    strategy.start(
+        AnsweringGrid(GOOD_NODES),
+        _reference(),
+        num_rounds=1,
+        evaluate_fn=evaluate,
+        after_round=lambda r, arrays: sent.append(arrays),
+    )
+    assert sent == [best]
