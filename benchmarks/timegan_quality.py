@@ -1,9 +1,10 @@
 """TimeGAN quality under DP in a local simulation of the federated demo (no Flower).
 
-3 hospitals (non-iid Dirichlet split of the 4000-patient demo cohort), phases run as FedAvg rounds
-(embedding 3, supervised 2, joint 8; 1 local epoch, batch 64), every hospital with its own ledger:
-a handshake release of epsilon 0.5 (histograms + sequence moments), a stand-in charge for the
-static generator that brings the ledger to about 2.75, then TimeGAN's noise planned to reach 5.0.
+3 hospitals (non-iid Dirichlet split of the 4000-patient demo cohort, 80% of each trains as in
+the audit's member split), phases run as FedAvg rounds with the round counts, batch size and
+TimeGAN config of configs/demo.toml, every hospital with its own ledger: the handshake's releases
+(histograms, pair tables, the two-stage sequence moments) at the demo's statistics share, a
+stand-in charge for the static generator's share, then TimeGAN's noise planned to reach max epsilon.
 
     python benchmarks/timegan_quality.py [--patients 4000] [--eval 2000] [key=value config overrides]
 """
@@ -20,22 +21,24 @@ import numpy as np
 import torch
 
 from configs.schema import load_schema
+from configs.settings import load_settings
 from models.ctgan_dp import DPSpec
 from models.encoder import TabularEncoder
 from models.sequence_metrics import DEFAULT_LINK_PAIRS, evaluate_sequences
 from models.statistics import histogram_counts, merge_histograms
-from models.timegan import SequenceEncoder, TimeGAN, release_noisy_moments
+from models.timegan import SequenceEncoder, SequenceMoments, TimeGAN, release_noisy_moments
 from privacy.facade import gaussian_noise_multiplier, steps_per_epoch
 from privacy.ledger import PrivacyLedger
 from simulation.cohort import generate_demo_cohort
 from simulation.partition import partition_cohort
 
-ROUNDS = (("embedding", 3), ("supervised", 2), ("joint", 8))
-BATCH = 64
-DELTA = 1e-5
-CLIP = 1.0
-MAX_EPSILON = 5.0
-CONFIG = {"hidden_dim": 24, "num_layers": 2, "learning_rate": 5e-3}
+SETTINGS = load_settings()
+ROUNDS = tuple(SETTINGS.federation.sequence_rounds.plan())
+BATCH = SETTINGS.federation.batch_size
+DELTA = SETTINGS.privacy.delta
+CLIP = SETTINGS.privacy.clipping_norm
+MAX_EPSILON = SETTINGS.privacy.max_epsilon
+CONFIG = dict(SETTINGS.model.params_for("timegan"))
 
 
 def _charge_to(ledger: PrivacyLedger, target: float, what: str) -> None:
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=4000)
     parser.add_argument("--eval", type=int, default=2000, help="patients evaluated (random subset)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--save", default="", help="write the trained weights and DP moments here (.pt)")
     parser.add_argument("overrides", nargs="*", help="TimeGAN config key=value")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -86,21 +90,30 @@ def main() -> None:
     encoder = TabularEncoder.from_histograms(
         schema, merge_histograms([histogram_counts(h.static, schema) for h in hospitals])
     )
-    weeks = [seq.transform(h.timeseries, h.static["patient_id"]) for h in hospitals]
-    conds = [encoder.transform(h.static) for h in hospitals]
+    members = [h.static.sample(frac=0.8, random_state=args.seed) for h in hospitals]
+    weeks = [
+        seq.transform(h.timeseries[h.timeseries["patient_id"].isin(set(m["patient_id"]))], m["patient_id"])
+        for h, m in zip(hospitals, members, strict=True)
+    ]
+    conds = [encoder.transform(m) for m in members]
     sizes = [len(w) for w in weeks]
     total_rounds = sum(r for _, r in ROUNDS)
 
-    # Handshake (histograms + moments, epsilon 0.5), static generator's share, TimeGAN's plan.
+    # Handshake (histograms, pair tables, two-stage moments: 4 even releases as in
+    # client.tasks.handshake_statistics), the static generator's share, TimeGAN's plan.
     ledgers, sigmas, moments = [], [], None
     rng = np.random.default_rng(args.seed)
+    privacy = SETTINGS.privacy
+    statistics = privacy.statistics_epsilon_share * MAX_EPSILON
+    static_total = statistics + (1 - privacy.sequence_epsilon_share) * (MAX_EPSILON - statistics)
     for n, w in zip(sizes, weeks, strict=True):
         ledger = PrivacyLedger(max_epsilon=MAX_EPSILON, delta=DELTA)
-        z = gaussian_noise_multiplier(epsilon=0.5, delta=DELTA) * math.sqrt(2)
-        ledger.charge_gaussian("handshake histograms", noise_multiplier=z)
+        z = gaussian_noise_multiplier(epsilon=statistics, delta=DELTA) * math.sqrt(4)
+        for what in ("handshake histograms", "handshake pair tables"):
+            ledger.charge_gaussian(what, noise_multiplier=z)
         released = release_noisy_moments(w, ledger=ledger, noise_multiplier=z, rng=rng, what="handshake")
         moments = released if moments is None else moments.merged(released)
-        _charge_to(ledger, 2.75, "static generator (stand-in)")
+        _charge_to(ledger, static_total, "static generator (stand-in)")
         per_epoch = steps_per_epoch(n, BATCH)
         sigmas.append(
             ledger.calibrate_noise_multiplier(
@@ -138,6 +151,9 @@ def main() -> None:
             state = _fedavg(states, sizes)
             timings.setdefault(phase, []).append(max(seconds))
     global_model.load_state_dict(state)
+    if args.save:
+        assert moments is not None
+        torch.save({"state": state, "moments": moments.to_json(), "config": config}, args.save)
     print("epsilon spent:", [round(ledger.spent(), 3) for ledger in ledgers])
     print(
         "seconds per round (slowest hospital):", {p: round(float(np.mean(t)), 2) for p, t in timings.items()}
@@ -155,6 +171,18 @@ def main() -> None:
         syn = global_model.sample_encoded(encoder.transform(profiles), seed=11)
         rows[name] = evaluate_sequences(
             real, syn, channels=seq.channels, seed=0, real_static=static, syn_static=static
+        )
+    # The rhythm the generator is asked to match: real (exact), the DP target, generated.
+    generated = global_model.sample_encoded(encoder.transform(static), seed=11)
+    assert moments is not None
+    for name, summary in (
+        ("real", SequenceMoments.of(real)),
+        ("dp target", moments),
+        ("generated", SequenceMoments.of(generated)),
+    ):
+        rhythm = summary.rhythm()
+        print(
+            f"{name:10s}", {k: np.round(v.mean(axis=0) if k == "mean" else v, 3) for k, v in rhythm.items()}
         )
     sd_real = real.std(axis=(0, 1))
     sd_syn = global_model.sample_encoded(encoder.transform(static), seed=11).std(axis=(0, 1))

@@ -47,8 +47,9 @@ def handshake_statistics(
 
     k Gaussian releases with noise multiplier z * sqrt(k) cost, under RDP, exactly what one
     release with z costs, so the statistics' share of the budget is split evenly between them.
+    The sequence moments are two releases (means, then the spread about them).
     """
-    releases = 3 if with_moments else 2
+    releases = 4 if with_moments else 2
     z = gaussian_noise_multiplier(epsilon=epsilon, delta=ledger.delta) * math.sqrt(releases)
     ledger.check("handshake statistics", noise_multiplier=z, sample_rate=1.0, steps=releases)
     rng = np.random.default_rng(seed)

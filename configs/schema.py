@@ -76,12 +76,16 @@ class ColumnSpec(_Frozen):
 
 
 class ChannelSpec(_Frozen):
-    """One daily wearable channel with its public range."""
+    """One daily wearable channel with its public range and how models scale it."""
 
     name: str = Field(min_length=1)
     min: float
     max: float
     unit: str = ""
+    # "log": models see log(1 + value - min) / log(1 + max - min) instead of a linear map of
+    # [min, max]. A public choice for right-skewed channels (step counts, HRV): linearly scaled,
+    # most of their mass sits in a sliver of [0, 1] and a Gaussian-like generator misses the tail.
+    scale: Literal["linear", "log"] = "linear"
 
     @model_validator(mode="after")
     def _check_range(self) -> ChannelSpec:

@@ -39,7 +39,8 @@ class SequenceEncoder:
     """Long-format daily table <-> float32 (patients, length, channels) in [0, 1].
 
     Built from the schema's SequenceSpec alone: the scaling uses the declared public
-    [min, max] of each channel, so the encoder reveals nothing about anyone's rows.
+    [min, max] of each channel (and its declared linear or log scale), so the encoder reveals
+    nothing about anyone's rows.
     """
 
     def __init__(self, spec: SequenceSpec, *, id_column: str = "patient_id"):
@@ -50,6 +51,9 @@ class SequenceEncoder:
         self.channels = [c.name for c in spec.channels]
         self._low = np.array([c.min for c in spec.channels], dtype=np.float64)
         self._span = np.array([c.max - c.min for c in spec.channels], dtype=np.float64)
+        # Channels declared `scale = "log"` are scaled as log1p(value - min) / log1p(max - min).
+        self._log = np.array([c.scale == "log" for c in spec.channels])
+        self._log_span = np.log1p(self._span)
 
     @classmethod
     def from_schema(cls, schema: CohortSchema) -> SequenceEncoder:
@@ -88,8 +92,19 @@ class SequenceEncoder:
             raise EncoderError(f"every patient needs exactly one row for each of the {self.length} days")
         values = frame[self.channels].to_numpy(dtype=np.float64)
         out = np.empty((len(order), self.length, self.n_channels), dtype=np.float64)
-        out[patient, day] = (values - self._low) / self._span
-        return np.clip(out, 0.0, 1.0).astype(np.float32)
+        out[patient, day] = self.to_unit(values)
+        return out.astype(np.float32)
+
+    def to_unit(self, values: np.ndarray) -> np.ndarray:
+        """Raw values (..., channels) -> [0, 1], clipped to the declared range first."""
+        shifted = np.clip(values - self._low, 0.0, self._span)
+        return np.where(self._log, np.log1p(shifted) / self._log_span, shifted / self._span)
+
+    def from_unit(self, unit: np.ndarray) -> np.ndarray:
+        """[0, 1] (..., channels) -> raw values inside the declared ranges (inverse of `to_unit`)."""
+        unit = np.clip(unit, 0.0, 1.0)
+        shifted = np.where(self._log, np.expm1(unit * self._log_span), unit * self._span)
+        return np.clip(shifted, 0.0, self._span) + self._low
 
     def inverse_transform(self, array: np.ndarray, ids: Sequence[Any] | None = None) -> pd.DataFrame:
         """(patients, length, channels) in [0, 1] -> long-format rows inside the declared ranges."""
@@ -99,7 +114,7 @@ class SequenceEncoder:
         ids = list(ids) if ids is not None else [f"S{i:06d}" for i in range(1, n + 1)]
         if len(ids) != n:
             raise EncoderError(f"{len(ids)} ids for {n} sequences")
-        scaled = np.clip(array.astype(np.float64), 0.0, 1.0) * self._span + self._low
+        scaled = self.from_unit(array.astype(np.float64))
         data: dict[str, Any] = {
             self.id_column: np.repeat(np.asarray(ids, dtype=object), self.length),
             self.day_column: np.tile(np.arange(1, self.length + 1, dtype=np.int64), n),
@@ -110,33 +125,71 @@ class SequenceEncoder:
 
 
 # ==================================================================== moments (sums and counts)
+# Norm bounds of a record's contribution to the two stages of the DP release, as shares of the
+# largest norm a (length x channels) week can have. Daily values spread over a small part of their
+# declared ranges, so bounds at the worst case drown the spread in noise. Measured on the demo
+# cohort: |x - 1/2| has median 0.40 and 99th percentile 0.61 of its largest norm, |x - centre|
+# median 0.07 and 99.9th percentile 0.20. Clipping moves only the rare records past the bound.
+MEAN_CLIP_SHARE = 0.6  # of sqrt(length * channels) / 2, the largest norm of x - 1/2
+SPREAD_CLIP_SHARE = 0.15  # of sqrt(length * channels), the largest norm of x - centre
+
+
+def _spread_terms(y: Any) -> tuple[Any, Any, Any]:
+    """Per week and channel of y (n, length, channels), numpy or torch: the squared weekly mean,
+    the within-week variance about it, and the lag-1 products of those deviations / length."""
+    week = y.mean(axis=1)
+    d = y - week[:, None, :]
+    return week**2, (d**2).mean(axis=1), (d[:, :-1] * d[:, 1:]).sum(axis=1) / y.shape[1]
+
+
 @dataclass(frozen=True)
 class SequenceMoments:
-    """Per-(day, channel) sums, sums of squares and a count of scaled weeks: they merge by adding."""
+    """Sums over scaled weeks that merge across hospitals by adding.
+
+    sums, squares: per (day, channel) sums of values and of squared values;
+    week_squares: per channel, sum of squared weekly means (-> spread between patients);
+    within: per channel, sum of each week's variance about its own weekly mean, once the
+        (day, channel) means are removed (-> day-to-day spread within a patient);
+    lag1: per channel, sum of each week's lag-1 products of those deviations / length
+        (-> carry-over from one day to the next).
+    """
 
     sums: np.ndarray
     squares: np.ndarray
     count: float
+    week_squares: np.ndarray
+    within: np.ndarray
+    lag1: np.ndarray
+
+    _FIELDS: ClassVar[tuple[str, ...]] = ("sums", "squares", "week_squares", "within", "lag1")
 
     @classmethod
     def of(cls, x: np.ndarray) -> SequenceMoments:
+        """Exact sums of the weeks x (n, length, channels)."""
         x = x.astype(np.float64)
-        return cls(x.sum(axis=0), (x**2).sum(axis=0), float(len(x)))
+        _, within, lag1 = _spread_terms(x - x.mean(axis=0))
+        return cls(
+            x.sum(axis=0),
+            (x**2).sum(axis=0),
+            float(len(x)),
+            (x.mean(axis=1) ** 2).sum(axis=0),
+            within.sum(axis=0),
+            lag1.sum(axis=0),
+        )
 
     def to_json(self) -> str:
-        return json.dumps({"sums": self.sums.tolist(), "squares": self.squares.tolist(), "count": self.count})
+        data: dict[str, Any] = {name: getattr(self, name).tolist() for name in self._FIELDS}
+        return json.dumps({**data, "count": self.count})
 
     @classmethod
     def from_json(cls, text: str) -> SequenceMoments:
         data = json.loads(text)
-        return cls(
-            np.asarray(data["sums"], dtype=np.float64),
-            np.asarray(data["squares"], dtype=np.float64),
-            float(data["count"]),
-        )
+        arrays = {name: np.asarray(data[name], dtype=np.float64) for name in cls._FIELDS}
+        return cls(count=float(data["count"]), **arrays)
 
     def merged(self, other: SequenceMoments) -> SequenceMoments:
-        return SequenceMoments(self.sums + other.sums, self.squares + other.squares, self.count + other.count)
+        arrays = {name: getattr(self, name) + getattr(other, name) for name in self._FIELDS}
+        return SequenceMoments(count=self.count + other.count, **arrays)
 
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std per (day, channel), projected onto what [0, 1] data allows (noise can overshoot)."""
@@ -145,23 +198,90 @@ class SequenceMoments:
         var = np.clip(self.squares / count - mean**2, 0.0, 0.25)
         return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
+    def rhythm(self) -> dict[str, np.ndarray]:
+        """The generator's moments target, projected onto what [0, 1] data allows.
 
-def moments_sensitivity(length: int, n_channels: int) -> float:
-    """L2 sensitivity of (sums, squares, count) when one week in [0, 1]^(length x channels) is added."""
-    return math.sqrt(2 * length * n_channels + 1)
+        mean (day, channel); per channel: sd (pooled over days), between_sd (of weekly means),
+        within_sd (day to day within a week) and lag1 (autocovariance of those deviations).
+        """
+        count = max(self.count, 1.0)
+        mean, _ = self.mean_std()
+        week_mean = mean.mean(axis=0)
+        cells = count * self.sums.shape[0]
+        pooled = np.clip(self.sums.sum(axis=0) / cells, 0.0, 1.0)
+        # Floors keep the standardised losses finite where noise leaves a channel no spread.
+        sd = np.sqrt(np.clip(self.squares.sum(axis=0) / cells - pooled**2, 1e-6, 0.25))
+        between = np.clip(self.week_squares / count - week_mean**2, 1e-8, 0.25)
+        within = np.clip(self.within / count, 1e-8, 0.25)
+        lag1 = np.clip(self.lag1 / count, -within, within)
+        out = {"mean": mean, "sd": sd, "between_sd": np.sqrt(between), "within_sd": np.sqrt(within)}
+        return {key: value.astype(np.float32) for key, value in {**out, "lag1": lag1}.items()}
+
+
+def moments_sensitivity(length: int, n_channels: int) -> tuple[float, float]:
+    """L2 sensitivity of each release stage when one week in [0, 1]^(length x channels) is added.
+
+    Stage 1 (sums of x - 1/2 clipped to norm tau1, and the count, to which a week adds tau1):
+    sqrt(2) tau1. Stage 2 (per channel: squared weekly mean, within variance and lag-1 term of
+    y = x - centre clipped to norm tau2): squared means and within variances are non-negative
+    and sum to |y|^2 / length, each |lag-1 term| is at most its within variance, so
+    sqrt(2) tau2^2 / length bounds the whole vector.
+    """
+    tau1, tau2 = _clip_norms(length, n_channels)
+    return math.sqrt(2) * tau1, math.sqrt(2) * tau2**2 / length
+
+
+def _clip_norms(length: int, n_channels: int) -> tuple[float, float]:
+    cells = math.sqrt(length * n_channels)
+    return MEAN_CLIP_SHARE * cells / 2, SPREAD_CLIP_SHARE * cells
+
+
+def _clip_rows(y: np.ndarray, bound: float) -> np.ndarray:
+    """Each week (row of y) scaled down to L2 norm `bound` if it is longer."""
+    norms = np.sqrt((y**2).sum(axis=(1, 2), keepdims=True))
+    return y * np.minimum(1.0, bound / np.maximum(norms, 1e-12))
 
 
 def release_noisy_moments(
     x: np.ndarray, *, ledger: PrivacyLedger, noise_multiplier: float, rng: np.random.Generator, what: str
 ) -> SequenceMoments:
-    """Gaussian mechanism on all sums, squares and the count at once, charged to the ledger."""
-    exact = SequenceMoments.of(np.clip(x, 0.0, 1.0))
-    sigma = noise_multiplier * moments_sensitivity(x.shape[1], x.shape[2])
-    ledger.charge_gaussian(what, noise_multiplier=noise_multiplier)
+    """Two Gaussian releases with one noise multiplier (sigma = multiplier x stage sensitivity),
+    each charged to the ledger: (1) sums and count, (2) the spread about the stage-1 means.
+
+    Centring stage 2 on the hospital's own noisy means (post-processing of stage 1) is what lets
+    its bound sit near the real spread instead of the whole declared range. Both are converted
+    back to raw sums, so hospitals merge by adding and the noise of stage 1 cancels from the
+    spread estimates.
+    """
+    ledger.check(f"{what} (means, spread)", noise_multiplier=noise_multiplier, sample_rate=1.0, steps=2)
+    x = np.clip(x.astype(np.float64), 0.0, 1.0)
+    length, channels = x.shape[1:]
+    tau1, tau2 = _clip_norms(length, channels)
+    sens1, sens2 = moments_sensitivity(length, channels)
+
+    ledger.charge_gaussian(f"{what} (means)", noise_multiplier=noise_multiplier)
+    centred = _clip_rows(x - 0.5, tau1).sum(axis=0) + rng.normal(0.0, noise_multiplier * sens1, x.shape[1:])
+    count = (tau1 * len(x) + float(rng.normal(0.0, noise_multiplier * sens1))) / tau1
+    n = max(count, 1.0)
+    sums = centred + 0.5 * n
+    centre = np.clip(sums / n, 0.0, 1.0)
+
+    ledger.charge_gaussian(f"{what} (spread)", noise_multiplier=noise_multiplier)
+    terms = _spread_terms(_clip_rows(x - centre, tau2))
+    between, within, lag1 = (
+        t.sum(axis=0) + rng.normal(0.0, noise_multiplier * sens2, channels) for t in terms
+    )
+    between, within = np.maximum(between, 0.0), np.maximum(within, 0.0)
+    # Raw sums from the centred ones: sum of m^2 = sum of (m - c)^2 + n c^2 (the cross term is the
+    # stage-1 residual, zero by the choice of c); each day's square adds between + within spread.
+    week_centre = centre.mean(axis=0)
     return SequenceMoments(
-        exact.sums + rng.normal(0.0, sigma, exact.sums.shape),
-        exact.squares + rng.normal(0.0, sigma, exact.squares.shape),
-        exact.count + float(rng.normal(0.0, sigma)),
+        sums=sums,
+        squares=n * centre**2 + between + within,
+        count=count,
+        week_squares=between + n * week_centre**2,
+        within=within,
+        lag1=lag1,
     )
 
 
@@ -223,9 +343,9 @@ class _SupervisorAndPrior(nn.Module):
         return self.supervisor(h), self.prior(cond)
 
 
-def _prior_loss(prior: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-record squared error of the predicted weekly channel means."""
-    return ((prior - x.mean(dim=1)) ** 2).mean(dim=1)
+def _prior_loss(prior: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-record squared error of the predicted weekly channel means, in units of 1 / scale."""
+    return (((prior - x.mean(dim=1)) * scale) ** 2).mean(dim=1)
 
 
 @contextlib.contextmanager
@@ -243,11 +363,25 @@ def _frozen(*modules: nn.Module) -> Iterator[None]:
 
 
 def _reconstruction_and_prior_loss(
-    m: nn.Module, x: torch.Tensor, c: torch.Tensor, prior_weight: float
+    m: nn.Module, x: torch.Tensor, c: torch.Tensor, prior_weight: float, scale: torch.Tensor
 ) -> torch.Tensor:
     """Embedding phase, per record: reconstruction error + the link prior's error (one DP unit)."""
     x_tilde, prior = m(x, c)
-    return ((x_tilde - x) ** 2).mean(dim=(1, 2)) + prior_weight * _prior_loss(prior, x)
+    return (((x_tilde - x) * scale) ** 2).mean(dim=(1, 2)) + prior_weight * _prior_loss(prior, x, scale)
+
+
+def _channel_scale(moments: SequenceMoments | None, n_channels: int, device: torch.device) -> torch.Tensor:
+    """1 / the DP sd of each channel (ones without moments): the per-record losses in sd units.
+
+    On the [0, 1] scale a record's reconstruction gradient was about 0.04, far below the clipping
+    norm (1.0), so DP-SGD's noise (sigma x clipping norm) buried it and the recovery could not
+    reach the real range of a channel (steps: outputs 0.55-0.77 for real weeks around 0.83).
+    In sd units the gradients reach the clipping norm, where DP-SGD's signal-to-noise ratio is
+    highest. The scale is post-processing of the handshake's DP moments.
+    """
+    if moments is None:
+        return torch.ones(n_channels, device=device)
+    return (1.0 / torch.from_numpy(moments.rhythm()["sd"])).to(device)
 
 
 def _per_record_bce(logits: torch.Tensor, target: float) -> torch.Tensor:
@@ -297,18 +431,18 @@ class TimeGAN:
         # 10 (the paper) pinned the generated latents to the weak DP supervisor's fixed point.
         supervised_weight: float = Field(default=1.0, ge=0)
         # Weight of the per-(day, channel) |mean| + |std| gap (TimeGAN's moments loss).
-        moments_weight: float = Field(default=100.0, ge=0)
+        moments_weight: float = Field(default=10.0, ge=0)
         # Sample through generator -> supervisor -> recovery (the paper) or generator -> recovery.
         # Under DP the supervisor is a weak, contractive map: going through it shrank the spread of
         # the generated latents about 20-fold, which the recovery shrank again (collapsed weeks).
         # Without it the supervisor still shapes the dynamics through the supervised loss.
         through_supervisor: bool = False
         # Weight of the link prior's error in the per-record DP loss of the embedding and supervised
-        # phases. Clipping bounds the whole record's gradient, in which the GRUs dominate; at 1
-        # the prior got so little of it that DP noise hid the weaker links (age, bmi).
-        prior_weight: float = Field(default=10.0, ge=0)
+        # phases (both errors in sd units). Clipping bounds the whole record's gradient, so this
+        # splits it between the autoencoder (or supervisor) and the prior.
+        prior_weight: float = Field(default=1.0, ge=0)
         # Weight of |weekly channel means - DP prior(profile)| in the generator's loss.
-        link_weight: float = Field(default=300.0, ge=0)
+        link_weight: float = Field(default=20.0, ge=0)
         # Weight of the mismatched pairs in D's loss: a record's real week paired with a public
         # stand-in profile, labelled fake, so D judges whether a week fits its profile.
         mismatch_weight: float = Field(default=1.0, ge=0)
@@ -395,9 +529,9 @@ class TimeGAN:
         """One local training pass of a phase: "embedding", "supervised" or "joint"."""
         kwargs = {"epochs": epochs, "batch_size": batch_size, "dp": dp, "device": device, "seed": seed}
         if phase == "embedding":
-            return self.fit_embedding(data, cond, **kwargs)
+            return self.fit_embedding(data, cond, moments=moments, **kwargs)
         if phase == "supervised":
-            return self.fit_supervised(data, cond, **kwargs)
+            return self.fit_supervised(data, cond, moments=moments, **kwargs)
         if phase == "joint":
             return self.fit_joint(data, cond, moments=moments, **kwargs)
         raise ValueError(f"unknown TimeGAN phase {phase!r}; expected one of {PHASES}")
@@ -507,10 +641,12 @@ class TimeGAN:
         dp: DPSpec | None,
         device: torch.device,
         seed: int,
+        moments: SequenceMoments | None = None,
     ) -> FitReport:
         """Autoencoder phase: embedder + recovery learn to reconstruct real weeks (DP-SGD under dp)."""
         torch.manual_seed(seed)
         loader = self._loader(data, cond, batch_size, seed)
+        scale = _channel_scale(moments, self.sequence.n_channels, device)
         module: nn.Module = _AutoEncoder(self.embedder, self.recovery).to(device).train()
         module, loss_sum, report = self._train_per_record(
             module,
@@ -519,7 +655,9 @@ class TimeGAN:
             epochs=epochs,
             dp=dp,
             device=device,
-            per_record_loss=lambda m, x, c: _reconstruction_and_prior_loss(m, x, c, self.config.prior_weight),
+            per_record_loss=lambda m, x, c: _reconstruction_and_prior_loss(
+                m, x, c, self.config.prior_weight, scale
+            ),
         )
         self.embedder, self.recovery = module.embedder.cpu(), module.recovery.cpu()
         report.extra["reconstruction-loss-sum"] = loss_sum
@@ -535,6 +673,7 @@ class TimeGAN:
         dp: DPSpec | None,
         device: torch.device,
         seed: int,
+        moments: SequenceMoments | None = None,
     ) -> FitReport:
         """Supervisor phase: predict tomorrow's embedding from the embedder's outputs on real weeks.
 
@@ -544,6 +683,7 @@ class TimeGAN:
         torch.manual_seed(seed)
         loader = self._loader(data, cond, batch_size, seed)
         embedder = self.embedder.to(device).eval()
+        scale = _channel_scale(moments, self.sequence.n_channels, device)
         # The embedder's link prior trains on in this phase: same records, same DP-SGD steps
         # (its gradient is clipped together with the supervisor's), no extra charge.
         module: nn.Module = _SupervisorAndPrior(self.supervisor, embedder.prior).to(device).train()
@@ -553,7 +693,7 @@ class TimeGAN:
                 h = embedder(x, c)
             h_next, prior = m(h, c)
             next_step = ((h_next[:, :-1] - h[:, 1:]) ** 2).mean(dim=(1, 2))
-            return next_step + self.config.prior_weight * _prior_loss(prior, x)
+            return next_step + self.config.prior_weight * _prior_loss(prior, x, scale)
 
         module, loss_sum, report = self._train_per_record(
             module, loader, "supervised", epochs=epochs, dp=dp, device=device, per_record_loss=next_step_loss
@@ -647,16 +787,16 @@ class TimeGAN:
         function of real rows steering the generator, which would void its post-processing
         argument; passing them through the DP embedder/recovery would not help either (the
         outputs are still per-batch functions of real rows). So the target is a Gaussian-mechanism
-        release of per-(day, channel) sums, squares and the count, charged to the same ledger.
+        release (two stages, see `release_noisy_moments`), charged to the same ledger.
         Better still: the server merges such releases once and passes `moments` to every round.
         """
         z = self.config.moments_noise_multiplier
-        dp.ledger.check(f"{what} moments", noise_multiplier=z, sample_rate=1.0, steps=1)
+        dp.ledger.check(f"{what} moments", noise_multiplier=z, sample_rate=1.0, steps=2)
         # Check the release and the DP-SGD steps together, so a refusal changes nothing.
         trial = PrivacyLedger(
             max_epsilon=dp.ledger.max_epsilon,
             delta=dp.ledger.delta,
-            history=[*dp.ledger.accountant.history, (z, 1.0, 1)],
+            history=[*dp.ledger.accountant.history, (z, 1.0, 2)],
         )
         trial.check(what, noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps)
         released = release_noisy_moments(
@@ -669,11 +809,11 @@ class TimeGAN:
         self,
         x: torch.Tensor,
         c: torch.Tensor,
-        target: tuple[torch.Tensor, torch.Tensor] | None,
+        target: dict[str, torch.Tensor] | None,
         dp: DPSpec | None,
         batch_size: int,
         rng: np.random.Generator,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Conditions and moments target of a generator step.
 
         Without DP the generator may use the batch's own profiles and moments (the paper).
@@ -681,25 +821,18 @@ class TimeGAN:
         of records, so it gets public stand-in profiles and the released (DP) moments target.
         """
         if dp is None:
-            return c, target if target is not None else _batch_moments(x)
+            batch = SequenceMoments.of(x.detach().cpu().numpy())
+            return c, target if target is not None else self._moment_target(batch, x.device)
         assert target is not None
         return torch.from_numpy(self.public_conditions(batch_size, rng)).to(x.device), target
 
     @staticmethod
     def _moment_target(
         moments: SequenceMoments | None, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> dict[str, torch.Tensor] | None:
         if moments is None:
             return None
-        # Per-(day, channel) means, but one std per channel pooled over the days: the squares'
-        # noise then averages over `length` cells (a per-cell variance is mostly noise for the
-        # narrow channels), and the pooled spread is what the marginal (KS) shape depends on.
-        mean, _ = moments.mean_std()
-        cells = max(moments.count, 1.0) * moments.sums.shape[0]
-        pooled_mean = np.clip(moments.sums.sum(axis=0) / cells, 0.0, 1.0)
-        pooled_var = np.clip(moments.squares.sum(axis=0) / cells - pooled_mean**2, 1e-6, 0.25)
-        std = np.sqrt(pooled_var).astype(np.float32)
-        return torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device)
+        return {key: torch.from_numpy(value).to(device) for key, value in moments.rhythm().items()}
 
     def _discriminator_step(
         self,
@@ -747,7 +880,7 @@ class TimeGAN:
         opt_g: torch.optim.Optimizer,
         opt_d: torch.optim.Optimizer,
         cond: torch.Tensor,
-        target: tuple[torch.Tensor, torch.Tensor],
+        target: dict[str, torch.Tensor],
         noise_gen: torch.Generator,
         prior: nn.Module,
     ) -> tuple[float, float]:
@@ -769,14 +902,12 @@ class TimeGAN:
         # h_hat = S(e_hat) is the supervisor's next-day prediction: generated latents should
         # follow the dynamics the DP-trained supervisor learned from real embeddings.
         supervised = F.mse_loss(h_hat[:, :-1], e_hat[:, 1:])
-        mean, std = target
-        fake_mean, fake_std = _batch_moments(x_hat)
-        moments = (fake_mean - mean).abs().mean() + (fake_std - std).abs().mean()
+        moments = _moments_loss(x_hat, target)
         # The link: for its (public) profile a generated week's channel means should sit where the
         # DP-trained prior puts real weeks with that profile (post-processing of a DP module).
         with torch.no_grad():
             expected = prior(cond)
-        link = _link_loss(x_hat.mean(dim=1), expected)
+        link = _link_loss(x_hat.mean(dim=1) / target["sd"], expected / target["sd"])
         loss = (
             self.config.link_weight * link
             + adversarial
@@ -844,8 +975,24 @@ def _link_loss(week_means: torch.Tensor, expected: torch.Tensor) -> torch.Tensor
     return residual.mean(dim=0).abs().mean() + shift.abs().mean()
 
 
-def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(day, channel) mean over the batch and per-channel (population) std over batch and days."""
-    pooled = x.mean(dim=(0, 1))
+def _moments_loss(x: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Tensor:
+    """TimeGAN's moments loss, widened to the week's rhythm: per-(day, channel) means, and per
+    channel the spread between patients' weekly means, the day-to-day spread within a week and its
+    lag-1 carry-over, all in units of the target's per-channel sd (so narrow channels count as
+    much as wide ones).
+
+    Means and one overall sd alone let the generator put all spread into independent daily noise:
+    right marginals, but weeks a recurrent classifier tells apart at once.
+    """
+    sd = target["sd"]
+    week_sq, within, lag1 = (term.mean(dim=0) for term in _spread_terms(x - target["mean"]))
+    week = (x - target["mean"]).mean(dim=1).mean(dim=0)
     # The epsilon keeps the gradient of sqrt finite where a generated batch has no spread.
-    return x.mean(dim=0), (((x - pooled) ** 2).mean(dim=(0, 1)) + 1e-8).sqrt()
+    between_sd = (week_sq - week**2).clamp_min(0.0).add(1e-8).sqrt()
+    gaps = (
+        ((x.mean(dim=0) - target["mean"]).abs() / sd).mean()
+        + ((between_sd - target["between_sd"]).abs() / sd).mean()
+        + ((within.add(1e-8).sqrt() - target["within_sd"]).abs() / sd).mean()
+        + ((lag1 - target["lag1"]).abs() / sd**2).mean()
+    )
+    return gaps

@@ -21,6 +21,8 @@ from models.timegan import (
     SequenceEncoder,
     SequenceMoments,
     TimeGAN,
+    _moments_loss,
+    _spread_terms,
     moments_sensitivity,
     release_noisy_moments,
 )
@@ -45,6 +47,12 @@ LOSS_KEY = {
     "supervised": "supervised-loss-sum",
     "joint": "moments-loss-sum",
 }
+
+
+def _public_moments(mean: float, sd: float) -> SequenceMoments:
+    """Stand-in moments from public numbers only: 100 weeks drawn around `mean` (no record in them)."""
+    rng = np.random.default_rng(123)
+    return SequenceMoments.of(np.clip(rng.normal(mean, sd, (100, 7, 5)), 0.0, 1.0))
 
 
 # ---------------------------------------------------------------- fixtures
@@ -184,6 +192,27 @@ def test_inverse_transform_clips_to_the_declared_ranges() -> None:
     assert (back.loc[5:, ["temp", "mood", "calls"]].to_numpy() == [35.0, -5.0, 0.0]).all()
 
 
+def test_log_scaled_channel_round_trips_and_respects_its_range() -> None:
+    spec = SequenceSpec(
+        length=3,
+        channels=(
+            ChannelSpec(name="steps", min=0.0, max=40000.0, scale="log"),
+            ChannelSpec(name="sleep", min=0.0, max=14.0),
+        ),
+    )
+    seq = SequenceEncoder(spec, id_column="pid")
+    raw = np.array([[0.0, 0.0], [200.0, 7.0], [7500.0, 3.5], [40000.0, 14.0], [90000.0, -1.0]])
+    unit = seq.to_unit(raw)
+    assert unit.min() >= 0.0 and unit.max() <= 1.0
+    # log1p(value - min) / log1p(max - min): 7500 steps sit at 0.84, not at 0.19 as on a linear scale
+    assert unit[2, 0] == pytest.approx(np.log1p(7500.0) / np.log1p(40000.0))
+    assert unit[2, 1] == pytest.approx(0.25)
+    back = seq.from_unit(unit)
+    np.testing.assert_allclose(back[:4], raw[:4], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(back[4], [40000.0, 0.0])  # outside the range: clipped to it
+    assert (seq.from_unit(np.array([[1.7, -0.4]])) == [[40000.0, 0.0]]).all()
+
+
 def test_schema_without_a_sequence_is_refused(schema: CohortSchema) -> None:
     with pytest.raises(EncoderError, match="sequence"):
         SequenceEncoder.from_schema(schema.model_copy(update={"sequence": None}))
@@ -267,8 +296,8 @@ def test_dp_accounting_across_the_three_phases(
     for phase in PHASES:
         report = _fit(model, weeks, cond, phase, dp=dp)
         assert report.steps == steps_per_epoch(N, BATCH)
-        if phase == "joint":  # the noisy-moments release, then the discriminator's steps
-            expected.append((z, 1.0, 1))
+        if phase == "joint":  # the two-stage noisy-moments release, then the discriminator's steps
+            expected.extend([(z, 1.0, 1), (z, 1.0, 1)])
         expected.append((SIGMA, rate, report.steps))
         assert ledger.spent() > spent
         spent = ledger.spent()
@@ -278,10 +307,12 @@ def test_dp_accounting_across_the_three_phases(
         ("dp-sgd", 4),
         ("dp-sgd", 4),
         ("gaussian", 1),
+        ("gaussian", 1),
         ("dp-sgd", 4),
     ]
-    assert [e.what for e in ledger.entries][-2:] == [
-        "timegan round 1 (joint phase) moments",
+    assert [e.what for e in ledger.entries][-3:] == [
+        "timegan round 1 (joint phase) moments (means)",
+        "timegan round 1 (joint phase) moments (spread)",
         "timegan round 1 (joint phase)",
     ]
     assert ledger.entries[-1].epsilon_after == pytest.approx(spent)
@@ -289,7 +320,7 @@ def test_dp_accounting_across_the_three_phases(
     totals: dict[tuple[float, float], int] = {}
     for sigma, q, steps in ledger.accountant.history:
         totals[(sigma, q)] = totals.get((sigma, q), 0) + steps
-    assert totals == {(SIGMA, rate): 12, (z, 1.0): 1}
+    assert totals == {(SIGMA, rate): 12, (z, 1.0): 2}
     reference = PrivacyLedger(max_epsilon=50.0, delta=DELTA, history=expected)
     assert spent == pytest.approx(reference.spent(), rel=1e-9)
     for name in ("embedder", "recovery", "supervisor", "discriminator"):
@@ -304,19 +335,16 @@ def test_joint_phase_with_given_moments_releases_nothing_more(
     model = TimeGAN(encoder, SMALL)
     ledger = PrivacyLedger(max_epsilon=50.0, delta=DELTA)
     # Public stand-in moments (mid-range, wide spread): no record went into them.
-    public = SequenceMoments(np.full((7, 5), 50.0), np.full((7, 5), 33.0), 100.0)
+    public = _public_moments(0.5, 0.1)
     dp = DPSpec(noise_multiplier=SIGMA, clipping_norm=1.0, ledger=ledger)
     _fit(model, weeks, cond, "joint", dp=dp, moments=public)
     assert [(e.mechanism, e.steps) for e in ledger.entries] == [("dp-sgd", 4)]
 
 
 def _moments_gap(x: np.ndarray, moments: SequenceMoments) -> float:
-    """The joint phase's moments loss, in numpy: per-(day, channel) mean gap + pooled-std gap."""
-    mean, _ = moments.mean_std()
-    cells = moments.count * moments.sums.shape[0]
-    pooled = moments.sums.sum(axis=0) / cells
-    std = np.sqrt(np.clip(moments.squares.sum(axis=0) / cells - pooled**2, 1e-6, 0.25))
-    return float(np.abs(x.mean(axis=0) - mean).mean() + np.abs(x.std(axis=(0, 1)) - std).mean())
+    """The joint phase's moments loss of the weeks x against `moments`."""
+    target = {key: torch.from_numpy(value) for key, value in moments.rhythm().items()}
+    return float(_moments_loss(torch.from_numpy(x), target))
 
 
 def test_generator_steps_reduce_the_moments_loss_under_dp(
@@ -329,8 +357,8 @@ def test_generator_steps_reduce_the_moments_loss_under_dp(
     dp = DPSpec(noise_multiplier=SIGMA, clipping_norm=1.0, ledger=ledger)
     for phase in ("embedding", "supervised"):
         _fit(model, weeks, cond, phase, dp=dp, epochs=2)
-    # Public stand-in target (no record in it): mean 0.3 everywhere, std 0.2 per channel.
-    target = SequenceMoments(np.full((7, 5), 30.0), np.full((7, 5), 13.0), 100.0)
+    # Public stand-in target (no record in it): weeks around 0.3 with sd 0.2.
+    target = _public_moments(0.3, 0.2)
     probe = model.public_conditions(400, np.random.default_rng(0))
     before = _moments_gap(model.sample_encoded(probe, seed=0), target)
     for epoch in range(4):
@@ -354,7 +382,7 @@ def test_phase_over_budget_is_refused_and_changes_nothing(
     z = model.config.moments_noise_multiplier
     assert ledger.epsilon_if(noise_multiplier=z, sample_rate=1.0, steps=1) < 1.0
     before = model.state_dict()
-    moments = SequenceMoments(np.full((7, 5), 50.0), np.full((7, 5), 33.0), 100.0) if given else None
+    moments = _public_moments(0.5, 0.1) if given else None
     dp = DPSpec(noise_multiplier=SIGMA, clipping_norm=1.0, ledger=ledger)
 
     with pytest.raises(BudgetExceededError, match="max epsilon"):
@@ -366,19 +394,78 @@ def test_phase_over_budget_is_refused_and_changes_nothing(
     assert _states_equal(model.state_dict(), before)
 
 
-def test_noisy_moments_release_is_charged_once(weeks: np.ndarray) -> None:
+def test_noisy_moments_release_is_charged_for_both_stages(weeks: np.ndarray) -> None:
     ledger = PrivacyLedger(max_epsilon=50.0, delta=DELTA)
     rng = np.random.default_rng(0)
     released = release_noisy_moments(weeks, ledger=ledger, noise_multiplier=5.0, rng=rng, what="moments")
-    assert [(e.mechanism, e.noise_multiplier) for e in ledger.entries] == [("gaussian", 5.0)]
-    assert moments_sensitivity(7, 5) == pytest.approx(np.sqrt(71))
+    assert [(e.what, e.mechanism, e.noise_multiplier) for e in ledger.entries] == [
+        ("moments (means)", "gaussian", 5.0),
+        ("moments (spread)", "gaussian", 5.0),
+    ]
+    reference = PrivacyLedger(max_epsilon=50.0, delta=DELTA, history=[(5.0, 1.0, 2)])
+    assert ledger.spent() == pytest.approx(reference.spent(), rel=1e-9)
     mean, std = released.mean_std()
     assert mean.shape == std.shape == (7, 5)
     assert (mean >= 0).all() and (mean <= 1).all() and (std >= 0).all() and (std <= 0.5).all()
-    exact = SequenceMoments.of(weeks)
-    merged = exact.merged(exact)
-    assert merged.count == 2 * N
-    np.testing.assert_allclose(merged.mean_std()[0], exact.mean_std()[0], atol=1e-6)
+    rhythm = released.rhythm()
+    assert all(np.isfinite(v).all() for v in rhythm.values())
+    assert (rhythm["between_sd"] > 0).all() and (rhythm["within_sd"] > 0).all()
+
+
+def test_release_refused_over_budget_charges_nothing(weeks: np.ndarray) -> None:
+    ledger = PrivacyLedger(max_epsilon=1.0, delta=DELTA)
+    # One stage at this multiplier fits in epsilon 1, both together do not: nothing may be charged.
+    z = 5.5
+    assert ledger.epsilon_if(noise_multiplier=z, sample_rate=1.0, steps=1) < 1.0
+    assert ledger.epsilon_if(noise_multiplier=z, sample_rate=1.0, steps=2) > 1.0
+    with pytest.raises(BudgetExceededError):
+        release_noisy_moments(
+            weeks, ledger=ledger, noise_multiplier=z, rng=np.random.default_rng(0), what="m"
+        )
+    assert ledger.entries == [] and ledger.spent() == 0.0
+
+
+def test_spread_stage_stays_within_its_sensitivity() -> None:
+    """Worst cases for stage 2: every week at the clip norm, as spiky or as flat as possible."""
+    length, channels = 7, 5
+    _, bound = moments_sensitivity(length, channels)
+    tau2 = bound * length / np.sqrt(2)
+    rng = np.random.default_rng(0)
+    spiky = np.zeros((1, length, channels))
+    spiky[0, 0, 0] = 1.0
+    flat = np.ones((1, length, channels))
+    alternating = np.tile(np.array([1.0, -1.0] * 4)[:length, None], (1, 1, channels))
+    for y in [spiky, flat, alternating, *rng.normal(size=(200, 1, length, channels))]:
+        y = y * tau2 / np.linalg.norm(y)
+        norm = np.linalg.norm(np.concatenate([t.ravel() for t in _spread_terms(y)]))
+        assert norm <= bound + 1e-12
+
+
+def test_release_recovers_the_rhythm_of_many_weeks() -> None:
+    """With many weeks and mild noise the two stages give back the exact means and spreads."""
+    rng = np.random.default_rng(1)
+    person = rng.normal(0.0, 0.06, (20000, 1, 5))
+    weeks = np.clip(0.4 + person + rng.normal(0.0, 0.03, (20000, 7, 5)), 0.0, 1.0)
+    ledger = PrivacyLedger(max_epsilon=1e3, delta=DELTA)
+    released = release_noisy_moments(weeks, ledger=ledger, noise_multiplier=2.0, rng=rng, what="m")
+    exact, noisy = SequenceMoments.of(weeks).rhythm(), released.rhythm()
+    np.testing.assert_allclose(noisy["mean"], exact["mean"], atol=0.005)
+    for key in ("sd", "between_sd", "within_sd"):
+        np.testing.assert_allclose(noisy[key], exact[key], rtol=0.1, err_msg=key)
+    np.testing.assert_allclose(exact["between_sd"], 0.06, rtol=0.05)
+    np.testing.assert_allclose(exact["within_sd"], 0.03 * np.sqrt(6 / 7), rtol=0.05)
+
+
+def test_moments_merge_by_adding(weeks: np.ndarray) -> None:
+    half = len(weeks) // 2
+    merged = SequenceMoments.of(weeks[:half]).merged(SequenceMoments.of(weeks[half:]))
+    whole = SequenceMoments.of(weeks)
+    assert merged.count == whole.count == N
+    for name in ("sums", "squares", "week_squares"):
+        np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), rtol=1e-9)
+    round_trip = SequenceMoments.from_json(merged.to_json())
+    for name in ("sums", "squares", "week_squares", "within", "lag1"):
+        np.testing.assert_allclose(getattr(round_trip, name), getattr(merged, name))
 
 
 # ---------------------------------------------------------------- sampling
