@@ -116,7 +116,7 @@ def ledger_summaries(hospitals: dict[str, HospitalSummary], logs: list[RoundLog]
 
 
 def _arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: np.ascontiguousarray(array.numpy()) for name, array in arrays.items()}
+    return {name: np.array(array.numpy(), order="C") for name, array in arrays.items()}
 
 
 def _numpy_to_arrays(tensors: dict[str, np.ndarray], order: list[str]) -> ArrayRecord:
@@ -146,7 +146,7 @@ def save_checkpoint(
             save_file(_arrays_to_numpy(arrays), str(staging / f"{name}.safetensors"))
         for name, tables in statistics.items():
             save_file(
-                {k: np.ascontiguousarray(v) for k, v in tables.items()}, str(staging / f"{name}.safetensors")
+                {k: np.array(v, order="C") for k, v in tables.items()}, str(staging / f"{name}.safetensors")
             )
         payload = progress.model_dump(mode="json") | {"array_order": order}
         (staging / STATE_FILE).write_text(json.dumps(payload, indent=1), encoding="utf-8")

@@ -287,6 +287,7 @@ def run_stage(
     federation_id: str = "",
     start: StageStart | None = None,
     after_round: AfterRound | None = None,
+    hospital_names: dict[int, str] | None = None,
 ) -> StageOutcome:
     """Flower's strategy loop for one stage; the model ends holding its best (or last) weights.
 
@@ -301,6 +302,7 @@ def run_stage(
         quorum_timeout_s=fed.round_timeout_s,
     )
     strategy.participants = participants
+    strategy.hospital_names = hospital_names or {}
     strategy.rounds = list(start.logs)
 
     train_config = _stage_config(stage, encoder, settings, federation_id)
@@ -638,6 +640,7 @@ def run_federation(
                 federation_id=federation_id,
                 start=start,
                 after_round=checkpointer.after_round,
+                hospital_names={node: h.hospital for node, h in handshake.hospitals.items()},
             )
             checkpointer.stage_finished(stage, outcome)
             start = StageStart()

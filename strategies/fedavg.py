@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -90,6 +91,9 @@ class ValidatedFedAvg(FedAvg):
         self.participants: set[int] | None = None
         # Weights to send instead of the last aggregate (a quality controller's rollback).
         self.override_arrays: ArrayRecord | None = None
+        # node id -> hospital, from the handshake: names a node that cannot answer for itself.
+        self.hospital_names: dict[int, str] = {}
+        self._sent: list[Message] = []
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -99,10 +103,11 @@ class ValidatedFedAvg(FedAvg):
         self._reference = arrays
         config["server-round"] = server_round
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [
+        self._sent = [
             Message(content=content, dst_node_id=node, message_type=f"train.{self.action}")
             for node in self.wait_for_quorum(grid, server_round)
         ]
+        return self._sent
 
     def wait_for_quorum(self, grid: Grid, server_round: int) -> list[int]:
         """The participants online now, once at least `min_replies` are; bounded by the timeout."""
@@ -195,8 +200,19 @@ class ValidatedFedAvg(FedAvg):
         log.aggregated = True
         return _cast_like(arrays, self._reference), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
+    def _sender(self, message: Message) -> tuple[str, int]:
+        """(hospital, node id) of a reply; the SuperLink answers for a node it lost (an error
+        reply from the SuperLink itself), so that one is traced back to the node it was sent to."""
+        node = message.metadata.src_node_id
+        if node == SUPERLINK_NODE_ID:
+            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+            node = sent_to.get(message.metadata.reply_to_message_id, node)
+        if message.has_content() and NODE_INFO_KEY in message.content.config_records:
+            return hospital_of(message), node
+        return self.hospital_names.get(node, f"node-{node}"), node
+
     def _accept(self, message: Message, log: RoundLog) -> bool:
-        hospital, node = hospital_of(message), message.metadata.src_node_id
+        hospital, node = self._sender(message)
         if message.has_error():
             reason = message.error.reason
             logger.warning(

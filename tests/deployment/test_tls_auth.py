@@ -35,20 +35,21 @@ CONNECTION = "mindfed-test"
 MAX_EPSILON = 5.0
 DELTA = 1e-5
 PATIENTS = 300
-WAIT_S = 120.0  # the longest any single wait may take
+WAIT_S = 240.0  # the longest any single wait may take (a 2-core CI machine under load)
 POLL_S = 0.5
-RUN_OVERRIDES = " ".join(
-    [
-        "federation.rounds=1",
-        f"federation.patients={PATIENTS}",
-        "export.synthetic_rows=200",
-        "export.round_sample_rows=100",
-        "model.dp-ctgan.generator_dims=[16]",
-        "model.dp-ctgan.discriminator_dims=[16]",
-        "model.dp-ctgan.embedding_dim=8",
-        "model.sequence=''",  # no TimeGAN phases: they would add rounds beyond the time budget
-    ]
+TINY_RUN = (
+    f"federation.patients={PATIENTS}",
+    "export.synthetic_rows=200",
+    "export.round_sample_rows=100",
+    "model.dp-ctgan.generator_dims=[16]",
+    "model.dp-ctgan.discriminator_dims=[16]",
+    "model.dp-ctgan.embedding_dim=8",
+    "model.sequence=''",  # no TimeGAN phases: they would add rounds beyond the time budget
 )
+# The runs of this module share the nodes and so their ledgers (one per hospital, across runs,
+# as on a real node): each run may only lower the node's max epsilon, so each later run is
+# allowed a little more than the one before, and never more than the node's 5.
+RUN_OVERRIDES = " ".join(["federation.rounds=1", "privacy.max_epsilon=1.5", *TINY_RUN])
 # Without these Flower phones home and builds a per-app environment (pulling CUDA torch).
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -270,9 +271,11 @@ class Federation:
         assert payload["success"], payload
         return {str(node["node-id"]): node["status"] for node in payload["nodes"]}
 
-    def start_run(self, name: str, out_dir: Path) -> Proc:
+    def start_run(
+        self, name: str, out_dir: Path, overrides: str = RUN_OVERRIDES, *, resume: bool = False
+    ) -> Proc:
         """`flwr run . <connection> --stream` from the repository root, as the coordinator."""
-        run_config = f'overrides="{RUN_OVERRIDES}" out-dir="{out_dir}"'
+        run_config = f'overrides="{overrides}" out-dir="{out_dir}" resume={str(resume).lower()}'
         return self.procs.start(
             name,
             [_tool("flwr"), "run", ".", CONNECTION, "--run-config", run_config, "--stream"],
@@ -574,3 +577,155 @@ def test_ledger_persists_in_state_dir(federation: Federation, finished_run: RunR
         assert ledger.spent() == pytest.approx(reported[hospital]["epsilon"], rel=1e-6)
         assert 0 < ledger.spent() <= MAX_EPSILON + 1e-9
         assert len(stored["entries"]) >= 2, f"{hospital}: expected handshake + training entries"
+
+
+# --- dropout and resume (later runs on the same nodes; see RUN_OVERRIDES on their budgets) ----
+
+DROPOUT_OVERRIDES = " ".join(
+    ["federation.rounds=6", "federation.min_replies=2", "privacy.max_epsilon=3.0", *TINY_RUN]
+)
+RESUME_OVERRIDES = " ".join(["federation.rounds=3", "privacy.max_epsilon=4.5", *TINY_RUN])
+
+
+def _progress(out_dir: Path) -> dict | None:
+    """The server's last checkpoint record, once one is written."""
+    return _readable_json(out_dir / "checkpoint" / "checkpoint.json")
+
+
+def _finish(federation: Federation, run: Proc, out_dir: Path, *, after: float = 0.0) -> dict:
+    """Wait for the run's own metrics.json (newer than `after`) and for `flwr run` to return."""
+    metrics_file = out_dir / "metrics.json"
+
+    def exported() -> bool:
+        if metrics_file.exists() and metrics_file.stat().st_mtime > after and _readable_json(metrics_file):
+            return True
+        if run.popen.poll() is not None:
+            pytest.fail(
+                f"`flwr run` exited ({run.popen.returncode}) before the export\n{federation.context(run)}"
+            )
+        return False
+
+    wait_for("the run's metrics.json", exported, context=lambda: federation.context(run))
+    with suppress(subprocess.TimeoutExpired):
+        run.popen.wait(timeout=60)
+    return _readable_json(metrics_file) or {}
+
+
+def _kill_tree(pids: list[int]) -> None:
+    for pid in pids:
+        _signal(pid, signal.SIGKILL)
+
+
+def _tagged_with(federation: Federation, needle: bytes) -> list[int]:
+    """Tagged processes whose command line contains `needle` (e.g. the ServerApp process)."""
+    found = []
+    for pid in federation.procs.tagged():
+        with suppress(OSError):
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
+
+
+@pytest.fixture(scope="module")
+def dropout_run(federation: Federation, finished_run: RunResult) -> dict:
+    """hospital-3's SuperNode is killed mid-round and restarted two rounds later; the run goes on."""
+    out_dir = federation.root / "out-dropout"
+    ledger_file = federation.state_dir("hospital-3") / "ledger.json"
+    ledger_before = json.loads(ledger_file.read_text(encoding="utf-8"))["entries"]
+    run = federation.start_run("flwr-run-dropout", out_dir, DROPOUT_OVERRIDES)
+    context = lambda: federation.context(run)  # noqa: E731
+    wait_for(
+        "round 1 checkpointed", lambda: (_progress(out_dir) or {}).get("rounds_done", 0) >= 1, context=context
+    )
+    killed_at = (_progress(out_dir) or {})["rounds_done"]
+    node = federation.nodes["hospital-3"]
+    _signal(node.popen.pid, signal.SIGKILL, group=True)  # the SuperNode and its ClientApp process
+    node.popen.wait(timeout=30)
+    wait_for(
+        "a round completed without hospital-3",
+        lambda: (_progress(out_dir) or {}).get("rounds_done", 0) >= killed_at + 1,
+        context=context,
+    )
+    federation.nodes["hospital-3"] = federation.start_supernode(
+        "hospital-3-restarted",
+        federation.spare_ports[6],
+        hospital="hospital-3",
+        key=federation.keys["hospital-3"].private_key,
+    )
+    metrics = _finish(federation, run, out_dir)
+    return {"metrics": metrics, "killed_after_round": killed_at, "ledger_before": ledger_before}
+
+
+@pytest.mark.deployment
+def test_node_killed_mid_round_does_not_stall_and_rejoins(dropout_run: dict) -> None:
+    rounds = dropout_run["metrics"]["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, 7))
+    assert all(r["aggregated"] for r in rounds), rounds
+    without = [r["round"] for r in rounds if "hospital-3" not in r["hospitals"]]
+    assert without, "hospital-3 took part in every round although it was killed"
+    first_missed = without[0]
+    assert first_missed == dropout_run["killed_after_round"] + 1
+    # the round it missed went on with the two others (the quorum)
+    assert sorted(rounds[first_missed - 1]["hospitals"]) == ["hospital-1", "hospital-2"]
+    # ... and the restarted node (same key, same node id) was sent a later round and answered it
+    assert any("hospital-3" in r["hospitals"] for r in rounds[first_missed:]), rounds
+
+
+@pytest.mark.deployment
+def test_restarted_node_keeps_its_ledger(federation: Federation, dropout_run: dict) -> None:
+    ledger_file = federation.state_dir("hospital-3") / "ledger.json"
+    after = json.loads(ledger_file.read_text(encoding="utf-8"))["entries"]
+    before = dropout_run["ledger_before"]
+    assert after[: len(before)] == before, "the restart lost or rewrote earlier charges"
+    spent = [e["epsilon_after"] for e in after]
+    assert spent == sorted(spent), "epsilon went down across the restart"
+    reported = {h["hospital"]: h["epsilon"] for h in dropout_run["metrics"]["hospitals"]}
+    assert spent[-1] == pytest.approx(reported["hospital-3"], rel=1e-9)
+    assert spent[-1] <= 3.0 + 1e-9
+
+
+@pytest.fixture(scope="module")
+def resumed_run(federation: Federation, dropout_run: dict) -> dict:
+    """The ServerApp process is killed after round 1; `flwr run ... resume=true` finishes the run."""
+    out_dir = federation.root / "out-resume"
+    run = federation.start_run("flwr-run-crash", out_dir, RESUME_OVERRIDES)
+    context = lambda: federation.context(run)  # noqa: E731
+    wait_for(
+        "round 1 checkpointed", lambda: (_progress(out_dir) or {}).get("rounds_done", 0) >= 1, context=context
+    )
+    serverapps = _tagged_with(federation, b"flwr-serverapp")
+    assert serverapps, f"no ServerApp process found\n{context()}"
+    _kill_tree(serverapps)
+    crashed = _progress(out_dir) or {}
+    assert crashed["rounds_done"] < 3, "the run finished before it could be killed"
+    _signal(run.popen.pid, signal.SIGTERM, group=True)
+    with suppress(subprocess.TimeoutExpired):
+        run.popen.wait(timeout=30)
+    assert not (out_dir / "metrics.json").exists()
+    started = time.time()
+    again = federation.start_run("flwr-run-resume", out_dir, RESUME_OVERRIDES, resume=True)
+    metrics = _finish(federation, again, out_dir, after=started)
+    return {"metrics": metrics, "crashed": crashed}
+
+
+@pytest.mark.deployment
+def test_server_killed_after_round_k_resumes_at_k_plus_1(resumed_run: dict) -> None:
+    crashed, metrics = resumed_run["crashed"], resumed_run["metrics"]
+    k = crashed["rounds_done"]
+    assert metrics["resumed"] is True
+    assert metrics["federation_id"] == crashed["federation_id"]
+    rounds = metrics["rounds"]
+    # every round exactly once: 1..k from before the crash, k+1..3 after the resume
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    before = crashed["round_logs"][:k]
+    assert [r["hospitals"] for r in rounds[:k]] == [
+        [a["hospital"] for a in log["accepted"]] for log in before
+    ]
+    # the ledger summaries of the checkpoint only grow after the resume (each node's own ledger)
+    final = {h["hospital"]: h["epsilon"] for h in metrics["hospitals"]}
+    for hospital, epsilon in crashed["ledger_summaries"].items():
+        assert final[hospital] >= epsilon - 1e-9
+    assert all(r["aggregated"] for r in rounds)
+    assert all(sorted(r["hospitals"]) == list(HOSPITALS) for r in rounds[k:])
+    for hospital in metrics["hospitals"]:
+        assert 0 < hospital["epsilon"] <= 4.5 + 1e-9

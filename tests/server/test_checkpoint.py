@@ -51,7 +51,11 @@ def _progress(rounds_done: int) -> RunProgress:
 
 def _weights(scale: float) -> dict[str, ArrayRecord]:
     # key order deliberately not sorted: models load their state dicts in their own order
-    arrays = {"z.weight": np.full((2, 3), scale, np.float32), "a.bias": np.arange(3, dtype=np.int64)}
+    arrays = {
+        "z.weight": np.full((2, 3), scale, np.float32),
+        "a.bias": np.arange(3, dtype=np.int64),
+        "bn.num_batches_tracked": np.array(7, dtype=np.int64),  # 0-d, as BatchNorm keeps it
+    }
     return {"dp-ctgan": ArrayRecord({k: Array(v) for k, v in arrays.items()})}
 
 
@@ -67,7 +71,8 @@ def test_round_trip_keeps_weights_order_dtypes_and_progress(tmp_path: Path) -> N
     assert loaded.progress.scores() == {"dp-ctgan": {1: 0.8, 2: 0.8}}
     assert loaded.progress.ledger_summaries == {"hospital-1": 1.0}  # the latest round's epsilon
     weights = loaded.weights("dp-ctgan")
-    assert list(weights.keys()) == ["z.weight", "a.bias"]
+    assert list(weights.keys()) == ["z.weight", "a.bias", "bn.num_batches_tracked"]
+    assert weights["bn.num_batches_tracked"].numpy().shape == ()  # 0-d stays 0-d
     np.testing.assert_array_equal(weights["z.weight"].numpy(), np.full((2, 3), 1.5, np.float32))
     assert weights["a.bias"].numpy().dtype == np.int64
     assert list(loaded.statistics("reference")) == ["age", "gender"]

@@ -153,6 +153,7 @@ def test_run_cut_after_a_round_resumes_at_the_next_and_matches_an_uncut_run(
     stages_rounds = [(r["stage"], r["round"]) for r in resumed.metrics["rounds"]]
     assert stages_rounds == [(r["stage"], r["round"]) for r in tiny_run.metrics["rounds"]]
     assert len(set(stages_rounds)) == len(stages_rounds)  # nothing redone
+    assert all(r["aggregated"] and not r["rejected"] for r in resumed.metrics["rounds"])
     assert resumed.metrics["resumed"] is True
     assert resumed.metrics["federation_id"] == saved["federation_id"]
     # Same seed, nothing lost or redone: the very same synthetic data and epsilon as the uncut run.

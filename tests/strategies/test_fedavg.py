@@ -648,3 +648,20 @@ def test_checkpoint_hook_gets_the_rollback_weights_the_next_round_is_sent() -> N
         after_round=lambda r, arrays: sent.append(arrays),
     )
     assert sent == [best]
+
+
+def test_a_node_the_superlink_lost_is_logged_under_its_hospital() -> None:
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    strategy, instructions, _ = _start()
+    strategy.hospital_names = {BAD_NODE: "hospital-3"}
+    for node, message in instructions.items():  # what the Grid does when it pushes them
+        message.metadata.__dict__["_message_id"] = f"msg-{node}"
+    # Flower's own reply for a message whose node went offline (sent by the SuperLink itself)
+    lost = create_message_error_unavailable_res_message(instructions[BAD_NODE].metadata, "node_unavail")
+    assert lost.metadata.src_node_id == SUPERLINK_NODE_ID
+    arrays, _ = strategy.aggregate_train(1, [*_good_replies(instructions), lost])
+    assert arrays is not None
+    (rejected,) = strategy.rounds[0].rejected
+    assert (rejected["hospital"], rejected["node"]) == ("hospital-3", BAD_NODE)
+    assert "unavailable" in rejected["reason"].lower()
