@@ -80,6 +80,9 @@ def flat_settings(settings: RunSettings) -> dict[str, Any]:
             flat[prefix] = value
 
     walk("", json.loads(json.dumps(settings.to_toml_dict(), default=str)))
+    # The schema by content, not path: a deployed ServerApp runs from a folder named after the
+    # app package's hash, so the same schema sits at another path after a restart.
+    flat["schema"] = settings.load_schema().schema_hash()
     return flat
 
 

@@ -143,3 +143,22 @@ def test_settings_changes_list_what_differs_but_not_operational_knobs() -> None:
     assert any(c.startswith("federation.rounds:") and c.endswith("-> 7") for c in changes), changes
     assert any(c.startswith("privacy.max_epsilon:") for c in changes), changes
     assert len(changes) == 2
+
+
+def test_settings_compare_the_schema_by_content_not_path(tmp_path: Path) -> None:
+    import shutil
+
+    settings = load_settings()
+    saved = flat_settings(settings)
+    copy = tmp_path / "elsewhere" / "cohort.toml"
+    copy.parent.mkdir()
+    shutil.copy(settings.schema_path, copy)
+    moved = load_settings(None, {"schema": str(copy)})
+    assert moved.schema_path != settings.schema_path
+    assert settings_changes(saved, moved) == []
+    text = copy.read_text(encoding="utf-8")
+    assert "max = 90" in text
+    copy.write_text(text.replace("max = 90", "max = 95"), encoding="utf-8")
+    assert [c.split(":")[0] for c in settings_changes(saved, load_settings(None, {"schema": str(copy)}))] == [
+        "schema"
+    ]
