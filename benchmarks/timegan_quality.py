@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=4000)
     parser.add_argument("--eval", type=int, default=2000, help="patients evaluated (random subset)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--statistics-share", type=float, default=None, help="privacy.statistics_epsilon_share (demo's)"
+    )
     parser.add_argument("--save", default="", help="write the trained weights and DP moments here (.pt)")
     parser.add_argument("overrides", nargs="*", help="TimeGAN config key=value")
     args = parser.parse_args()
@@ -104,7 +107,8 @@ def main() -> None:
     ledgers, sigmas, moments = [], [], None
     rng = np.random.default_rng(args.seed)
     privacy = SETTINGS.privacy
-    statistics = privacy.statistics_epsilon_share * MAX_EPSILON
+    share = privacy.statistics_epsilon_share if args.statistics_share is None else args.statistics_share
+    statistics = share * MAX_EPSILON
     static_total = statistics + (1 - privacy.sequence_epsilon_share) * (MAX_EPSILON - statistics)
     for n, w in zip(sizes, weeks, strict=True):
         ledger = PrivacyLedger(max_epsilon=MAX_EPSILON, delta=DELTA)

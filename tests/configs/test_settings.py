@@ -58,7 +58,7 @@ def test_defaults_match_demo_toml() -> None:
     assert s.privacy.max_epsilon == 5.0
     assert s.privacy.delta == 1e-5
     assert s.privacy.clipping_norm == 1.0
-    assert s.privacy.statistics_epsilon_share == 0.1
+    assert s.privacy.statistics_epsilon_share == 0.2
     assert s.model.generator == "dp-ctgan"
     params = s.model.params_for("dp-ctgan")
     assert params["embedding_dim"] == 64

@@ -226,7 +226,10 @@ def test_network_shapes(encoder: TabularEncoder, weeks: np.ndarray, cond: np.nda
     assert h.shape == (10, 7, 8) and h.min() >= 0 and h.max() <= 1
     x_tilde = model.recovery(h)
     assert x_tilde.shape == (10, 7, 5) and x_tilde.min() >= 0 and x_tilde.max() <= 1
-    e_hat = model.generator(torch.randn(10, 7, 4), c)
+    noise = model._noise(10, torch.Generator().manual_seed(0), CPU)
+    assert noise.shape == (10, 7, 4 + 7)  # noise + each day's one-hot position
+    torch.testing.assert_close(noise[:, :, 4:], torch.eye(7).expand(10, -1, -1))
+    e_hat = model.generator(noise, c)
     assert e_hat.shape == (10, 7, 8)
     assert model.supervisor(e_hat).shape == (10, 7, 8)
     assert model.discriminator(h, c).shape == (10, 7, 1)
@@ -429,7 +432,7 @@ def test_spread_stage_stays_within_its_sensitivity() -> None:
     """Worst cases for stage 2: every week at the clip norm, as spiky or as flat as possible."""
     length, channels = 7, 5
     _, bound = moments_sensitivity(length, channels)
-    tau2 = bound * length / np.sqrt(2)
+    tau2 = np.sqrt(bound * length / np.sqrt(2))
     rng = np.random.default_rng(0)
     spiky = np.zeros((1, length, channels))
     spiky[0, 0, 0] = 1.0
