@@ -356,8 +356,6 @@ def run_stage(
     final = best["arrays"] if stage.controller is not None else result.arrays
     if len(final) > 0:  # the controller's best round, else the last aggregate
         stage.model.load_state_dict(final.to_torch_state_dict())
-    for log in strategy.rounds:
-        log.stage = stage.label
     return StageOutcome(strategy.rounds, scores)
 
 
@@ -464,15 +462,16 @@ class Checkpointer:
         if best is not None:
             weights[f"{name}.best"] = best
         all_logs = [*self.rounds, *logs]
+        index = self.stages.index(stage)
         hospitals = {h.hospital: asdict(h) for h in self.handshake.hospitals.values()}
         progress = RunProgress(
             federation_id=self.federation_id,
             settings=flat_settings(self.settings),
             encoder_json=self.encoder.to_json(),
-            stage_index=self.stages.index(stage),
+            stage_index=index,
             stage_label=stage.label,
             rounds_done=server_round,
-            total_rounds_done=sum(s.rounds for s in self.stages[: self.stages.index(stage)]) + server_round,
+            total_rounds_done=sum(s.rounds for s in self.stages[:index]) + server_round,
             hospitals=hospitals,
             refusals=self.handshake.refusals,
             moments_json=self.handshake.moments.to_json() if self.handshake.moments else None,
