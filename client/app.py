@@ -213,9 +213,11 @@ def _noise_plan(
             "target": target,
             "sigma": plan_noise_multiplier(ledger, n_records=n_records, request=request),
         }
-    elif not fits_target(
+    elif fits_target(
         ledger, n_records=n_records, request=request, sigma=plan["sigma"], target=plan["target"]
     ):
+        return float(plan["sigma"])  # unchanged: nothing to write
+    else:
         sigma = plan_noise_multiplier(
             ledger, n_records=n_records, request=request, target_epsilon=plan["target"]
         )
