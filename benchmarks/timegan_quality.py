@@ -26,7 +26,7 @@ from models.ctgan_dp import DPSpec
 from models.encoder import TabularEncoder
 from models.sequence_metrics import DEFAULT_LINK_PAIRS, evaluate_sequences
 from models.statistics import histogram_counts, merge_histograms
-from models.timegan import SequenceEncoder, SequenceMoments, TimeGAN, release_noisy_moments
+from models.timegan import MOMENT_BLOCKS, SequenceEncoder, SequenceMoments, TimeGAN, release_noisy_moments
 from privacy.facade import gaussian_noise_multiplier, steps_per_epoch
 from privacy.ledger import PrivacyLedger
 from simulation.cohort import generate_demo_cohort
@@ -72,6 +72,12 @@ def main() -> None:
     parser.add_argument(
         "--statistics-share", type=float, default=None, help="privacy.statistics_epsilon_share (demo's)"
     )
+    parser.add_argument(
+        "--stand-ins",
+        choices=("cohort", "public"),
+        default="cohort",
+        help="generator profiles: another demo cohort's (a perfect static generator) or public marginals",
+    )
     parser.add_argument("--save", default="", help="write the trained weights and DP moments here (.pt)")
     parser.add_argument("overrides", nargs="*", help="TimeGAN config key=value")
     args = parser.parse_args()
@@ -102,7 +108,7 @@ def main() -> None:
     sizes = [len(w) for w in weeks]
     total_rounds = sum(r for _, r in ROUNDS)
 
-    # Handshake (histograms, pair tables, two-stage moments: 4 even releases as in
+    # Handshake (histograms, pair tables, the moments' blocks: even releases as in
     # client.tasks.handshake_statistics), the static generator's share, TimeGAN's plan.
     ledgers, sigmas, moments = [], [], None
     rng = np.random.default_rng(args.seed)
@@ -112,10 +118,13 @@ def main() -> None:
     static_total = statistics + (1 - privacy.sequence_epsilon_share) * (MAX_EPSILON - statistics)
     for n, w in zip(sizes, weeks, strict=True):
         ledger = PrivacyLedger(max_epsilon=MAX_EPSILON, delta=DELTA)
-        z = gaussian_noise_multiplier(epsilon=statistics, delta=DELTA) * math.sqrt(4)
+        releases = 2 + len(MOMENT_BLOCKS)
+        z = gaussian_noise_multiplier(epsilon=statistics, delta=DELTA) * math.sqrt(releases)
         for what in ("handshake histograms", "handshake pair tables"):
             ledger.charge_gaussian(what, noise_multiplier=z)
-        released = release_noisy_moments(w, ledger=ledger, noise_multiplier=z, rng=rng, what="handshake")
+        released = release_noisy_moments(
+            w, ledger=ledger, noise_multiplier=z, rng=rng, what="handshake", day_sd=seq.day_sd
+        )
         moments = released if moments is None else moments.merged(released)
         _charge_to(ledger, static_total, "static generator (stand-in)")
         per_epoch = steps_per_epoch(n, BATCH)
@@ -127,6 +136,13 @@ def main() -> None:
         ledgers.append(ledger)
     print(f"hospitals {sizes}, sigma {[round(s, 3) for s in sigmas]}, config {config}")
 
+    # The federation sends profiles sampled from its DP static generator; a second demo cohort
+    # (another seed, no patient in common) stands in for a perfect one here.
+    stand_ins = (
+        encoder.transform(generate_demo_cohort(2000, seed=args.seed + 1).static)
+        if args.stand_ins == "cohort"
+        else None
+    )
     global_model = TimeGAN(encoder, config, seed=0)
     state = global_model.state_dict()
     server_round, timings = 0, {}
@@ -149,6 +165,7 @@ def main() -> None:
                     device=torch.device("cpu"),
                     seed=1000 * server_round + k,
                     moments=moments,
+                    stand_ins=stand_ins,
                 )
                 seconds.append(time.perf_counter() - start)
                 states.append(model.state_dict())
@@ -185,9 +202,10 @@ def main() -> None:
         ("generated", SequenceMoments.of(generated)),
     ):
         rhythm = summary.rhythm()
-        print(
-            f"{name:10s}", {k: np.round(v.mean(axis=0) if k == "mean" else v, 3) for k, v in rhythm.items()}
-        )
+        shown = {k: np.round(v.mean(axis=0) if k == "mean" else v, 3) for k, v in rhythm.items()}
+        shown["within_corr"] = np.round(rhythm["within_cov"] / np.outer(*[rhythm["within_sd"]] * 2), 2)
+        shown.pop("within_cov"), shown.pop("between_cov")
+        print(f"{name:10s}", shown)
     sd_real = real.std(axis=(0, 1))
     sd_syn = global_model.sample_encoded(encoder.transform(static), seed=11).std(axis=(0, 1))
     print(

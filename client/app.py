@@ -133,6 +133,13 @@ def handshake(message: Message, context: Context) -> Message:
     return Message(content, reply_to=message)
 
 
+def _bytes_entry(config: ConfigRecord, key: str) -> bytes:
+    value = config.get(key, b"")
+    if not isinstance(value, bytes):
+        raise EncoderError(f"config entry '{key}' must be bytes, got {type(value).__name__}")
+    return value
+
+
 def _train_request(config: ConfigRecord) -> TrainRequest:
     return TrainRequest(
         model_name=str(config["model"]),
@@ -151,6 +158,8 @@ def _train_request(config: ConfigRecord) -> TrainRequest:
         seed=int(config["seed"]),
         phase=str(config.get("phase", "")),
         moments_json=str(config.get("moments", "")),
+        stand_ins_npy=_bytes_entry(config, "stand-ins"),
+        pair_targets_json=str(config.get("pair-correlations", "")),
         lr_multiplier=float(config.get("lr-multiplier", 1.0)),
     )
 

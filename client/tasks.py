@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -19,7 +20,13 @@ from models.registry import get_model_class
 from models.runtime import resolve_device
 from models.sequence_metrics import evaluate_sequences
 from models.statistics import Histograms, histogram_counts
-from models.timegan import SequenceEncoder, SequenceMoments, release_noisy_moments
+from models.timegan import (
+    MOMENT_BLOCKS,
+    SequenceEncoder,
+    SequenceMoments,
+    decode_stand_ins,
+    release_noisy_moments,
+)
 from privacy.attacks import classifier_attack, dcr_overfitting_protection, distance_attack, domias_attack
 from privacy.facade import gaussian_noise_multiplier, release_noisy_histograms, steps_per_epoch
 from privacy.ledger import PrivacyLedger
@@ -47,9 +54,9 @@ def handshake_statistics(
 
     k Gaussian releases with noise multiplier z * sqrt(k) cost, under RDP, exactly what one
     release with z costs, so the statistics' share of the budget is split evenly between them.
-    The sequence moments are two releases (means, then the spread about them).
+    The sequence moments are four releases (`models.timegan.MOMENT_BLOCKS`).
     """
-    releases = 4 if with_moments else 2
+    releases = 2 + (len(MOMENT_BLOCKS) if with_moments else 0)
     z = gaussian_noise_multiplier(epsilon=epsilon, delta=ledger.delta) * math.sqrt(releases)
     ledger.check("handshake statistics", noise_multiplier=z, sample_rate=1.0, steps=releases)
     rng = np.random.default_rng(seed)
@@ -67,8 +74,24 @@ def handshake_statistics(
             noise_multiplier=z,
             rng=rng,
             what="handshake sequence moments",
+            day_sd=SequenceEncoder.from_schema(schema).day_sd,
         )
     return HandshakeStatistics(histograms, pairs, moments)
+
+
+def _pair_targets(text: str) -> dict[str, float] | None:
+    """The server's pair correlations, refused unless a JSON object of numbers."""
+    if not text:
+        return None
+    try:
+        targets = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise EncoderError(f"pair correlations are not valid JSON: {err}") from None
+    if not isinstance(targets, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in targets.values()
+    ):
+        raise EncoderError("pair correlations must be a JSON object of numbers")
+    return {str(k): float(v) for k, v in targets.items()}
 
 
 def weeks_of(cohort: Cohort, schema: CohortSchema) -> np.ndarray:
@@ -95,6 +118,10 @@ class TrainRequest:
     phase: str = ""  # TimeGAN phase; "" for a static-table model
     lr_multiplier: float = 1.0  # SA-DQC's learning-rate adjustment after a rollback
     moments_json: str = ""  # merged DP sequence moments for TimeGAN's moments loss
+    # .npy bytes of encoded profiles sampled from the DP static generator (TimeGAN's joint phase)
+    stand_ins_npy: bytes = b""
+    # {"a|b": r} of numeric column pairs from the merged DP pair tables (the static generator)
+    pair_targets_json: str = ""
 
 
 def rebuild_encoder(request: TrainRequest, schema: CohortSchema) -> TabularEncoder:
@@ -187,9 +214,18 @@ def train_round(
     profiles = encoder.transform(cohort.static)
     if getattr(model, "kind", "table") == "sequence":
         moments = SequenceMoments.from_json(request.moments_json) if request.moments_json else None
-        report = model.fit(weeks_of(cohort, schema), profiles, phase=request.phase, moments=moments, **common)
+        stand_ins = decode_stand_ins(request.stand_ins_npy, encoder.width) if request.stand_ins_npy else None
+        report = model.fit(
+            weeks_of(cohort, schema),
+            profiles,
+            phase=request.phase,
+            moments=moments,
+            stand_ins=stand_ins,
+            **common,
+        )
     else:
-        report = model.fit(profiles, **common)
+        pair_targets = _pair_targets(request.pair_targets_json)
+        report = model.fit(profiles, pair_targets=pair_targets, **common)
     return model.state_dict(), report
 
 

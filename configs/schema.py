@@ -86,11 +86,22 @@ class ChannelSpec(_Frozen):
     # [min, max]. A public choice for right-skewed channels (step counts, HRV): linearly scaled,
     # most of their mass sits in a sliver of [0, 1] and a Gaussian-like generator misses the tail.
     scale: Literal["linear", "log"] = "linear"
+    # Typical day-to-day standard deviation of one person's value, from public knowledge (the
+    # literature, the device maker), never from the cohort: in the channel's unit, or for a log
+    # channel as a fraction of the value (0.3: days vary by about 30%). It sets the scale of the DP
+    # release of the within-week rhythm: deviations are measured in these units before clipping,
+    # so a channel that varies little (resting heart rate) is not drowned by the noise sized for
+    # one that varies a lot. A wrong guess costs accuracy, never privacy. None: 5% of the range.
+    day_sd: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check_range(self) -> ChannelSpec:
         if not self.min < self.max:
             raise ValueError(f"channel '{self.name}': min ({self.min}) must be below max")
+        if self.day_sd is not None and self.scale == "log" and self.day_sd >= 1:
+            raise ValueError(f"channel '{self.name}': a log channel's day_sd is a fraction, below 1")
+        if self.day_sd is not None and self.scale == "linear" and self.day_sd > self.max - self.min:
+            raise ValueError(f"channel '{self.name}': day_sd ({self.day_sd}) exceeds the range")
         return self
 
 

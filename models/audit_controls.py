@@ -60,6 +60,7 @@ class LeakyReplay:
         dp: DPSpec | None,
         device: torch.device,
         seed: int,
+        pair_targets: dict[str, float] | None = None,  # the table-model contract; a replay ignores it
     ) -> FitReport:
         n = min(len(data), self.config.capacity)
         self.memory[:n] = torch.from_numpy(data[:n])

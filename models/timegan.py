@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -32,6 +33,8 @@ PHASES = ("embedding", "supervised", "joint")
 # Public stand-in conditions keep numeric (probit) entries where the encoder can put them:
 # it clips quantiles to (1e-6, 1 - 1e-6) before the probit.
 _Z_LIMIT = float(ndtri(1 - 1e-6))
+# Day-to-day sd on the [0, 1] scale assumed for a channel whose schema declares no `day_sd`.
+DEFAULT_DAY_SD = 0.05
 
 
 # ==================================================================== sequence encoding
@@ -54,6 +57,15 @@ class SequenceEncoder:
         # Channels declared `scale = "log"` are scaled as log1p(value - min) / log1p(max - min).
         self._log = np.array([c.scale == "log" for c in spec.channels])
         self._log_span = np.log1p(self._span)
+        # The declared day-to-day sd on the [0, 1] scale (a log channel's fraction r moves
+        # log1p(value - min) by about r); DEFAULT_DAY_SD where the schema declares none.
+        declared = [c.day_sd for c in spec.channels]
+        self.day_sd = np.array(
+            [
+                DEFAULT_DAY_SD if d is None else d / (ls if log else span)
+                for d, log, ls, span in zip(declared, self._log, self._log_span, self._span, strict=True)
+            ]
+        )
 
     @classmethod
     def from_schema(cls, schema: CohortSchema) -> SequenceEncoder:
@@ -125,28 +137,41 @@ class SequenceEncoder:
 
 
 # ==================================================================== moments (sums and counts)
-# Norm bounds of a record's contribution to the DP release, as shares of the largest norm each
-# block can have. Daily values spread over a small part of their declared ranges, so bounds at the
-# worst case drown the spread in noise. Measured on the demo cohort (shares of the largest norm):
-# weekly means - 1/2: median 0.43, 99th percentile 0.63; days - their weekly mean: median 0.04,
-# 99th percentile 0.06; weeks - the (day, channel) means: median 0.07, 99th percentile 0.17.
-# Clipping moves only the records past a bound; noise falls with the bound (the spread stage:
-# with its square), so the bounds sit near the tails.
+# Norm bounds of a record's contribution to each block of the DP release. Bounds at the worst case
+# drown the spread in noise; clipping moves only the records past a bound, and the noise falls with
+# it (the second-moment blocks: with its square), so the bounds sit near the tails. Measured on
+# the demo cohort (quantiles 50 / 95 / 99%): |weekly means - 1/2| in shares of sqrt(channels) / 2:
+# 0.43 / 0.57 / 0.63; day deviations, RMS per cell in declared day_sd units: 0.74 / 0.94 / 1.02;
+# weekly means - centre, RMS per channel on the [0, 1] scale: 0.06 / 0.13 / 0.16.
 MEAN_CLIP_SHARE = 0.65  # of sqrt(channels) / 2, the largest norm of weekly means - 1/2
-DAY_CLIP_SHARE = 0.065  # of sqrt(length * channels), the largest norm of days - weekly mean
-SPREAD_CLIP_SHARE = 0.1  # of sqrt(length * channels), the largest norm of x - centre
+DEVIATION_CLIP = 1.0  # RMS per (day, channel) cell, in day_sd units
+BETWEEN_CLIP = 0.15  # RMS per channel, [0, 1] scale
+# The four Gaussian releases of `release_noisy_moments`, each a block with its own sensitivity.
+MOMENT_BLOCKS = ("weekly means", "day deviations", "between weeks", "within weeks")
 
 
-def _spread_terms(y: Any) -> tuple[Any, Any, Any]:
-    """Per week and channel of y (n, length, channels), numpy or torch: the squared weekly mean,
-    the within-week variance about it, and the lag-1 products of those deviations / length.
+def _rhythm_terms(y: Any) -> tuple[Any, Any, Any]:
+    """Per week of y (n, length, channels), numpy or torch: the weekly mean m (n, channels), the
+    within-week products sum_t e_t e_t^T / length (n, channels, channels) of the deviations
+    e = y - m, and their lag-1 products sum_t e_t * e_t+1 / length (n, channels).
 
-    Without the lag-1 term the generator made day-to-day deviations alternate (lag-1 r -0.42
-    where real weeks have +0.28), which a recurrent classifier spots at once.
+    Without the cross-channel products the generator drove every channel from one shared daily
+    factor (day-to-day r of sleep and stress -0.89, real -0.17); without the lag-1 term it made
+    the deviations alternate. A recurrent classifier spots either at once.
     """
     week = y.mean(axis=1)
-    d = y - week[:, None, :]
-    return week**2, (d**2).mean(axis=1), (d[:, :-1] * d[:, 1:]).sum(axis=1) / y.shape[1]
+    e = y - week[:, None, :]
+    length = y.shape[1]
+    if isinstance(e, torch.Tensor):
+        within = torch.einsum("ntc,ntd->ncd", e, e) / length
+    else:
+        within = np.einsum("ntc,ntd->ncd", e, e) / length
+    return week, within, (e[:, :-1] * e[:, 1:]).sum(axis=1) / length
+
+
+def _outer(m: Any) -> Any:
+    """Per row of m (n, channels): m m^T (n, channels, channels)."""
+    return m[:, :, None] * m[:, None, :]
 
 
 @dataclass(frozen=True)
@@ -154,9 +179,11 @@ class SequenceMoments:
     """Sums over scaled weeks that merge across hospitals by adding.
 
     sums, squares: per (day, channel) sums of values and of squared values;
-    week_squares: per channel, sum of squared weekly means (-> spread between patients);
-    within: per channel, sum of each week's variance about its own weekly mean, once the
-        (day, channel) means are removed (-> day-to-day spread within a patient);
+    week_products: (channels, channels) sum of the outer products of weekly means (-> how
+        patients' weekly levels spread and go together);
+    within: (channels, channels) sum of each week's within-week products about its own weekly
+        mean, once the (day, channel) means are removed (-> day-to-day spread and how channels
+        move together from day to day);
     lag1: per channel, sum of each week's lag-1 products of those deviations / length
         (-> carry-over from one day to the next).
     """
@@ -164,24 +191,24 @@ class SequenceMoments:
     sums: np.ndarray
     squares: np.ndarray
     count: float
-    week_squares: np.ndarray
+    week_products: np.ndarray
     within: np.ndarray
     lag1: np.ndarray
 
-    _FIELDS: ClassVar[tuple[str, ...]] = ("sums", "squares", "week_squares", "within", "lag1")
+    _FIELDS: ClassVar[tuple[str, ...]] = ("sums", "squares", "week_products", "within", "lag1")
 
     @classmethod
     def of(cls, x: np.ndarray) -> SequenceMoments:
         """Exact sums of the weeks x (n, length, channels)."""
         x = x.astype(np.float64)
-        _, within, lag1 = _spread_terms(x - x.mean(axis=0))
+        _, within, lag1 = _rhythm_terms(x - x.mean(axis=0))
         return cls(
-            x.sum(axis=0),
-            (x**2).sum(axis=0),
-            float(len(x)),
-            (x.mean(axis=1) ** 2).sum(axis=0),
-            within.sum(axis=0),
-            lag1.sum(axis=0),
+            sums=x.sum(axis=0),
+            squares=(x**2).sum(axis=0),
+            count=float(len(x)),
+            week_products=_outer(x.mean(axis=1)).sum(axis=0),
+            within=within.sum(axis=0),
+            lag1=lag1.sum(axis=0),
         )
 
     def to_json(self) -> str:
@@ -191,6 +218,9 @@ class SequenceMoments:
     @classmethod
     def from_json(cls, text: str) -> SequenceMoments:
         data = json.loads(text)
+        missing = [name for name in (*cls._FIELDS, "count") if name not in data]
+        if missing:
+            raise ValueError(f"sequence moments lack {missing} (written by an older MindFed?)")
         arrays = {name: np.asarray(data[name], dtype=np.float64) for name in cls._FIELDS}
         return cls(count=float(data["count"]), **arrays)
 
@@ -208,8 +238,10 @@ class SequenceMoments:
     def rhythm(self) -> dict[str, np.ndarray]:
         """The generator's moments target, projected onto what [0, 1] data allows.
 
-        mean (day, channel); per channel: sd (pooled over days), between_sd (of weekly means),
-        within_sd (day to day within a week) and lag1 (autocovariance of those deviations).
+        mean (day, channel); per channel: sd (pooled over days), between_sd and within_sd (their
+        diagonals' roots) and lag1 (autocovariance of the within-week deviations); between_cov and
+        within_cov (channels, channels): covariances of weekly means and of day-to-day deviations,
+        made positive semi-definite (noise can leave negative eigenvalues).
         """
         count = max(self.count, 1.0)
         mean, _ = self.mean_std()
@@ -218,31 +250,60 @@ class SequenceMoments:
         pooled = np.clip(self.sums.sum(axis=0) / cells, 0.0, 1.0)
         # Floors keep the standardised losses finite where noise leaves a channel no spread.
         sd = np.sqrt(np.clip(self.squares.sum(axis=0) / cells - pooled**2, 1e-6, 0.25))
-        between = np.clip(self.week_squares / count - week_mean**2, 1e-8, 0.25)
-        within = np.clip(self.within / count, 1e-8, 0.25)
-        lag1 = np.clip(self.lag1 / count, -within, within)
-        out = {"mean": mean, "sd": sd, "between_sd": np.sqrt(between), "within_sd": np.sqrt(within)}
-        return {key: value.astype(np.float32) for key, value in {**out, "lag1": lag1}.items()}
+        between = _nearest_covariance(self.week_products / count - np.outer(week_mean, week_mean))
+        within = _nearest_covariance(self.within / count)
+        within_var = np.diag(within)
+        lag1 = np.clip(self.lag1 / count, -within_var, within_var)
+        out = {
+            "mean": mean,
+            "sd": sd,
+            "between_sd": np.sqrt(np.diag(between)),
+            "within_sd": np.sqrt(within_var),
+            "between_cov": between,
+            "within_cov": within,
+            "lag1": lag1,
+        }
+        return {key: value.astype(np.float32) for key, value in out.items()}
 
 
-def moments_sensitivity(length: int, n_channels: int) -> tuple[float, float]:
-    """L2 sensitivity of each release stage when one week in [0, 1]^(length x channels) is added.
+def _nearest_covariance(matrix: np.ndarray, floor: float = 1e-8, ceiling: float = 0.25) -> np.ndarray:
+    """Symmetric, eigenvalues in [floor, ceiling]: the covariance nearest a noisy estimate."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.clip(values, floor, ceiling)) @ vectors.T
 
-    Stage 1 (sums of weekly means - 1/2 clipped to norm tau_m, of each day's deviation from its
-    weekly mean clipped to norm tau_d, and the count, to which a week adds tau_m):
-    sqrt(2 tau_m^2 + tau_d^2). Stage 2 (per channel: squared weekly mean, within variance and lag-1 term of
-    y = x - centre clipped to norm tau2): squared means and within variances are non-negative
-    and sum to |y|^2 / length; each |lag-1 term| is at most its within variance (|ab| <=
-    (a^2 + b^2) / 2 over the pairs), so the lag-1 block's norm is at most |y|^2 / length too, and
-    sqrt(2) tau2^2 / length bounds the whole vector.
+
+def _clip_norms(length: int, n_channels: int) -> dict[str, float]:
+    """L2 bound of each block's per-record input (weekly means on the [0, 1] scale, deviations in
+    day_sd units)."""
+    deviation = DEVIATION_CLIP * math.sqrt(length * n_channels)
+    return {
+        "weekly means": MEAN_CLIP_SHARE * math.sqrt(n_channels) / 2,
+        "day deviations": deviation,
+        "between weeks": BETWEEN_CLIP * math.sqrt(n_channels),
+        "within weeks": deviation,
+    }
+
+
+def moments_sensitivity(length: int, n_channels: int) -> dict[str, float]:
+    """L2 sensitivity of each block of the release when one week is added.
+
+    weekly means (sums of weekly means - 1/2 clipped to norm tau_m, and the count, to which a week
+    adds tau_m): sqrt(2) tau_m. day deviations (each day's deviation from its weekly mean, in
+    day_sd units, clipped to norm tau_d): tau_d. between weeks (m m^T for the weekly means about the
+    centre, clipped to norm tau_b): its Frobenius norm is |m|^2, at most tau_b^2. within weeks
+    (sum_t e_t e_t^T / length and the lag-1 terms, e the deviations in day_sd units clipped to norm
+    tau_w): a sum of positive semi-definite matrices has Frobenius norm at most its trace,
+    |e|^2 / length; each |lag-1 term| is at most its channel's share of that trace (|ab| <=
+    (a^2 + b^2) / 2 over the pairs), so the lag-1 block's norm is at most |e|^2 / length too, and
+    sqrt(2) tau_w^2 / length bounds the block.
     """
-    tau_m, tau_d, tau2 = _clip_norms(length, n_channels)
-    return math.sqrt(2 * tau_m**2 + tau_d**2), math.sqrt(2) * tau2**2 / length
-
-
-def _clip_norms(length: int, n_channels: int) -> tuple[float, float, float]:
-    cells = math.sqrt(length * n_channels)
-    return MEAN_CLIP_SHARE * math.sqrt(n_channels) / 2, DAY_CLIP_SHARE * cells, SPREAD_CLIP_SHARE * cells
+    tau = _clip_norms(length, n_channels)
+    return {
+        "weekly means": math.sqrt(2) * tau["weekly means"],
+        "day deviations": tau["day deviations"],
+        "between weeks": tau["between weeks"] ** 2,
+        "within weeks": math.sqrt(2) * tau["within weeks"] ** 2 / length,
+    }
 
 
 def _clip_rows(y: np.ndarray, bound: float) -> np.ndarray:
@@ -252,56 +313,98 @@ def _clip_rows(y: np.ndarray, bound: float) -> np.ndarray:
     return y * np.minimum(1.0, bound / np.maximum(norms, 1e-12))
 
 
-def release_noisy_moments(
-    x: np.ndarray, *, ledger: PrivacyLedger, noise_multiplier: float, rng: np.random.Generator, what: str
-) -> SequenceMoments:
-    """Two Gaussian releases with one noise multiplier (sigma = multiplier x stage sensitivity),
-    each charged to the ledger: (1) sums and count, (2) the spread about the stage-1 means.
+def _symmetric(matrix: np.ndarray) -> np.ndarray:
+    """Average a noisy matrix with its transpose (post-processing: halves the off-diagonal noise)."""
+    return (matrix + matrix.T) / 2
 
-    Stage 1 releases the (day, channel) sums as weekly means plus each day's deviation from its
-    week: the deviations are small, so their bound is too, and the per-day means come out about
-    2.4 times less noisy than from sums of raw days under one bound (measured: resting_hr's
-    day-of-week means were off by up to 0.02 for a within-week sd of 0.016). Centring stage 2 on
-    the hospital's own noisy means (post-processing of stage 1) is what lets its bound sit near
-    the real spread instead of the whole declared range. Both are converted
-    back to raw sums, so hospitals merge by adding and the noise of stage 1 cancels from the
-    spread estimates.
+
+def release_noisy_moments(
+    x: np.ndarray,
+    *,
+    ledger: PrivacyLedger,
+    noise_multiplier: float,
+    rng: np.random.Generator,
+    what: str,
+    day_sd: np.ndarray,
+) -> SequenceMoments:
+    """Four Gaussian releases with one noise multiplier (sigma = multiplier x the block's
+    sensitivity, see `moments_sensitivity`), each charged to the ledger:
+
+    1. weekly means (and the count), 2. each day's deviation from its weekly mean -> together the
+       (day, channel) means, the centre;
+    3. outer products of the weekly means about the centre, 4. within-week products and lag-1
+       terms of the day-to-day deviations about it -> the rhythm's second moments.
+
+    Deviations are measured in `day_sd` units (public, declared per channel in the schema) before
+    clipping, so every channel's day-to-day spread comes out with about the same relative error:
+    with one bound on the [0, 1] scale the noise, sized for sleep's spread, swamped resting heart
+    rate's (DP within sd 0.025 and HRV 0.010, for real 0.016 and 0.021). Centring blocks 3-4 on the
+    hospital's own noisy means (post-processing of blocks 1-2) is what lets their bounds sit near
+    the real spread instead of the whole declared range. Everything is converted back to raw sums,
+    so hospitals merge by adding and the noise of the centre cancels from the spread estimates.
     """
-    ledger.check(f"{what} (means, spread)", noise_multiplier=noise_multiplier, sample_rate=1.0, steps=2)
+    blocks = len(MOMENT_BLOCKS)
+    ledger.check(f"{what} (4 blocks)", noise_multiplier=noise_multiplier, sample_rate=1.0, steps=blocks)
     x = np.clip(x.astype(np.float64), 0.0, 1.0)
     length, channels = x.shape[1:]
-    tau_m, tau_d, tau2 = _clip_norms(length, channels)
-    sens1, sens2 = moments_sensitivity(length, channels)
+    tau = _clip_norms(length, channels)
+    sigma = {name: noise_multiplier * s for name, s in moments_sensitivity(length, channels).items()}
 
-    ledger.charge_gaussian(f"{what} (means)", noise_multiplier=noise_multiplier)
+    def noisy(name: str, total: np.ndarray) -> np.ndarray:
+        ledger.charge_gaussian(f"{what} ({name})", noise_multiplier=noise_multiplier)
+        return total + rng.normal(0.0, sigma[name], total.shape)
+
     week = x.mean(axis=1)
-    sigma1 = noise_multiplier * sens1
-    week_sums = _clip_rows(week - 0.5, tau_m).sum(axis=0) + rng.normal(0.0, sigma1, channels)
-    day_sums = _clip_rows(x - week[:, None, :], tau_d).sum(axis=0) + rng.normal(
-        0.0, sigma1, (length, channels)
-    )
-    count = (tau_m * len(x) + float(rng.normal(0.0, sigma1))) / tau_m
+    tau_m = tau["weekly means"]
+    week_block = noisy("weekly means", np.append(_clip_rows(week - 0.5, tau_m).sum(axis=0), tau_m * len(x)))
+    count = week_block[-1] / tau_m
     n = max(count, 1.0)
-    sums = week_sums + 0.5 * n + day_sums
+    deviations = _clip_rows((x - week[:, None, :]) / day_sd, tau["day deviations"]).sum(axis=0)
+    sums = week_block[:-1] + 0.5 * n + noisy("day deviations", deviations) * day_sd
     centre = np.clip(sums / n, 0.0, 1.0)
 
-    ledger.charge_gaussian(f"{what} (spread)", noise_multiplier=noise_multiplier)
-    terms = _spread_terms(_clip_rows(x - centre, tau2))
-    between, within, lag1 = (
-        t.sum(axis=0) + rng.normal(0.0, noise_multiplier * sens2, channels) for t in terms
-    )
-    between, within = np.maximum(between, 0.0), np.maximum(within, 0.0)
-    # Raw sums from the centred ones: sum of m^2 = sum of (m - c)^2 + n c^2 (the cross term is the
-    # stage-1 residual, zero by the choice of c); each day's square adds between + within spread.
+    m, _, _ = _rhythm_terms(x - centre)
+    between = _symmetric(noisy("between weeks", _outer(_clip_rows(m, tau["between weeks"])).sum(axis=0)))
+    e = _clip_rows((x - centre - m[:, None, :]) / day_sd, tau["within weeks"])
+    _, products, lag1 = _rhythm_terms(e)
+    within_block = noisy("within weeks", np.concatenate([products.sum(axis=0), lag1.sum(axis=0)[None]]))
+    scale = np.outer(day_sd, day_sd)
+    within = _symmetric(within_block[:channels]) * scale
+    # Raw sums from the centred ones: sum of m m^T = sum of (m - c)(m - c)^T + n c c^T (the cross
+    # terms are the stage-1 residual, zero by the choice of c); each day's square adds the
+    # between and within spread.
     week_centre = centre.mean(axis=0)
     return SequenceMoments(
         sums=sums,
-        squares=n * centre**2 + between + within,
+        squares=n * centre**2 + np.maximum(np.diag(between), 0.0) + np.maximum(np.diag(within), 0.0),
         count=count,
-        week_squares=between + n * week_centre**2,
+        week_products=between + n * np.outer(week_centre, week_centre),
         within=within,
-        lag1=lag1,
+        lag1=within_block[channels] * day_sd**2,
     )
+
+
+def encode_stand_ins(profiles: np.ndarray) -> bytes:
+    """Encoded stand-in profiles (n, width) as .npy bytes, for a ConfigRecord (no pickle)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(profiles, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_stand_ins(data: bytes, width: int) -> np.ndarray:
+    """The inverse of `encode_stand_ins`, refused unless it is a finite float (n >= 1, width) array."""
+    try:
+        profiles = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise EncoderError(f"stand-in profiles are not a readable .npy array: {err}") from err
+    if profiles.dtype.kind != "f" or profiles.ndim != 2 or profiles.shape[1] != width or not len(profiles):
+        raise EncoderError(
+            f"stand-in profiles must be a float array of shape (n >= 1, {width}), "
+            f"got {profiles.dtype} {profiles.shape}"
+        )
+    if not np.isfinite(profiles).all():
+        raise EncoderError("stand-in profiles contain NaN or infinite values")
+    return profiles.astype(np.float32)
 
 
 # ==================================================================== networks
@@ -424,7 +527,7 @@ class TimeGAN:
     supervisor collapsed the generated spread. The link between profile and week comes from two
     DP sources: the embedder's prior head (profile -> expected weekly channel means, trained in
     the embedding and supervised phases inside the same DP-SGD steps) and the discriminator, which
-    also sees each real week paired with a public stand-in profile as a fake.
+    also sees each real week paired with a stand-in profile (not a record's) as a fake.
     """
 
     registry_name = "timegan"
@@ -441,6 +544,9 @@ class TimeGAN:
         learning_rate: float = Field(default=1e-3, gt=0, le=1)
         discriminator_lr: float = Field(default=1e-3, gt=0, le=1)
         generator_steps: int = Field(default=2, ge=1, le=100)
+        # Stand-in profiles per generator step; None: the DP batch size. No record is in them, so
+        # a larger batch costs CPU time only, and steadies the batch covariances of the moments loss.
+        generator_batch_size: int | None = Field(default=None, ge=2, le=4096)
         # Generator Adam learning rate; None: learning_rate. The generator's update is
         # post-processing (no real record reaches it), so its steps cost no privacy budget.
         generator_lr: float | None = Field(default=None, gt=0, le=1)
@@ -456,6 +562,11 @@ class TimeGAN:
         # the generated latents about 20-fold, which the recovery shrank again (collapsed weeks).
         # Without it the supervisor still shapes the dynamics through the supervised loss.
         through_supervisor: bool = False
+        # Let the joint phase's generator losses also tune the recovery (decoder). Post-processing:
+        # no real record reaches those losses, only DP-trained modules and the DP moments. The
+        # DP-trained recovery decodes real latents to smooth weeks; frozen, it capped the generated
+        # day-to-day spread (within sd 0.034 for a target 0.049).
+        tune_recovery: bool = True
         # Weight of the link prior's error in the per-record DP loss of the embedding and supervised
         # phases (both errors in sd units). Clipping bounds the whole record's gradient, so this
         # splits it between the autoencoder (or supervisor) and the prior.
@@ -533,6 +644,29 @@ class TimeGAN:
                 cond[:, block.start] = np.clip(rng.standard_normal(n), -_Z_LIMIT, _Z_LIMIT)
         return cond
 
+    def stand_in_conditions(self, n: int, rng: np.random.Generator, pool: np.ndarray | None) -> np.ndarray:
+        """Profiles for the generator's steps and D's mismatched pairs: rows drawn from `pool`
+        (encoded profiles sampled from the DP-trained static generator, so post-processing) when
+        given, else `public_conditions`.
+
+        Public stand-ins have independent columns; real profiles do not (depression, anxiety and
+        stress move together), so a generator taught on them linked weeks to profiles too strongly
+        once fed the static generator's realistic ones (anxiety~resting_hr r 0.83, real 0.67).
+        """
+        if pool is None:
+            return self.public_conditions(n, rng)
+        return pool[rng.integers(0, len(pool), n)]
+
+    def _check_pool(self, pool: np.ndarray | None) -> np.ndarray | None:
+        if pool is None:
+            return None
+        pool = np.asarray(pool, dtype=np.float32)
+        if pool.ndim != 2 or pool.shape[1] != self.cond_dim or len(pool) == 0:
+            raise ValueError(f"stand-in profiles must have shape (n >= 1, {self.cond_dim}), got {pool.shape}")
+        if not np.isfinite(pool).all():
+            raise ValueError("stand-in profiles contain NaN or infinite values")
+        return pool
+
     def _noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """The generator's input: (n, length, noise_dim) Gaussian noise + each day's one-hot."""
         length = self.sequence.length
@@ -553,15 +687,20 @@ class TimeGAN:
         device: torch.device,
         seed: int,
         moments: SequenceMoments | None = None,
+        stand_ins: np.ndarray | None = None,
     ) -> FitReport:
-        """One local training pass of a phase: "embedding", "supervised" or "joint"."""
+        """One local training pass of a phase: "embedding", "supervised" or "joint".
+
+        `stand_ins`: encoded profiles from the DP static generator for the joint phase's
+        generator (see `stand_in_conditions`); the other phases do not use them.
+        """
         kwargs = {"epochs": epochs, "batch_size": batch_size, "dp": dp, "device": device, "seed": seed}
         if phase == "embedding":
             return self.fit_embedding(data, cond, moments=moments, **kwargs)
         if phase == "supervised":
             return self.fit_supervised(data, cond, moments=moments, **kwargs)
         if phase == "joint":
-            return self.fit_joint(data, cond, moments=moments, **kwargs)
+            return self.fit_joint(data, cond, moments=moments, stand_ins=stand_ins, **kwargs)
         raise ValueError(f"unknown TimeGAN phase {phase!r}; expected one of {PHASES}")
 
     def _loader(self, data: np.ndarray, cond: np.ndarray, batch_size: int, seed: int) -> DataLoader:
@@ -742,6 +881,7 @@ class TimeGAN:
         device: torch.device,
         seed: int,
         moments: SequenceMoments | None = None,
+        stand_ins: np.ndarray | None = None,
     ) -> FitReport:
         """Adversarial phase: DP discriminator vs. a generator that learns only through DP modules.
 
@@ -749,9 +889,11 @@ class TimeGAN:
         embedder would need another DP-SGD pass over the same records for little gain).
         """
         torch.manual_seed(seed)
+        pool = self._check_pool(stand_ins)
         rng = np.random.default_rng(seed)
         noise_gen = torch.Generator().manual_seed(seed)
         loader = self._loader(data, cond, batch_size, seed)
+        g_batch = self.config.generator_batch_size or batch_size
         what = f"{dp.label} (joint phase)" if dp else ""
         release = dp is not None and moments is None
         if release:
@@ -763,9 +905,8 @@ class TimeGAN:
             m.to(device).eval() for m in (self.embedder, self.supervisor, self.recovery)
         )
         discriminator: nn.Module = self.discriminator.to(device).train()
-        opt_g = torch.optim.Adam(
-            generator.parameters(), lr=self.config.generator_lr or self.config.learning_rate
-        )
+        tuned = [*generator.parameters(), *(recovery.parameters() if self.config.tune_recovery else ())]
+        opt_g = torch.optim.Adam(tuned, lr=self.config.generator_lr or self.config.learning_rate)
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=self.config.discriminator_lr)
         private = (
             self._privatise(discriminator, opt_d, loader, dp, what, epochs, checked=release) if dp else None
@@ -775,15 +916,16 @@ class TimeGAN:
         report = FitReport()
         moments_sum = 0.0
         prior = embedder.prior
-        with _frozen(embedder, supervisor, recovery):
+        fixed = (embedder, supervisor) if self.config.tune_recovery else (embedder, supervisor, recovery)
+        with _frozen(*fixed):
             for _ in range(epochs):
                 for x, c in loader:
                     x, c = x.to(device), c.to(device)
                     report.discriminator_loss_sum += self._discriminator_step(
-                        discriminator, opt_d, x, c, noise_gen, rng
+                        discriminator, opt_d, x, c, noise_gen, rng, pool
                     )
                     for _ in range(self.config.generator_steps):
-                        g_cond, g_target = self._generator_inputs(x, c, target, dp, batch_size, rng)
+                        g_cond, g_target = self._generator_inputs(x, c, target, dp, g_batch, rng, pool)
                         g_loss, m_loss = self._generator_step(
                             discriminator, opt_g, opt_d, g_cond, g_target, noise_gen, prior
                         )
@@ -819,16 +961,22 @@ class TimeGAN:
         Better still: the server merges such releases once and passes `moments` to every round.
         """
         z = self.config.moments_noise_multiplier
-        dp.ledger.check(f"{what} moments", noise_multiplier=z, sample_rate=1.0, steps=2)
+        blocks = len(MOMENT_BLOCKS)
+        dp.ledger.check(f"{what} moments", noise_multiplier=z, sample_rate=1.0, steps=blocks)
         # Check the release and the DP-SGD steps together, so a refusal changes nothing.
         trial = PrivacyLedger(
             max_epsilon=dp.ledger.max_epsilon,
             delta=dp.ledger.delta,
-            history=[*dp.ledger.accountant.history, (z, 1.0, 2)],
+            history=[*dp.ledger.accountant.history, (z, 1.0, blocks)],
         )
         trial.check(what, noise_multiplier=dp.noise_multiplier, sample_rate=sample_rate, steps=steps)
         released = release_noisy_moments(
-            data, ledger=dp.ledger, noise_multiplier=z, rng=rng, what=f"{what} moments"
+            data,
+            ledger=dp.ledger,
+            noise_multiplier=z,
+            rng=rng,
+            what=f"{what} moments",
+            day_sd=self.sequence.day_sd,
         )
         logger.info("released noisy sequence moments (noise multiplier %.2f) for %s", z, what)
         return released
@@ -841,18 +989,21 @@ class TimeGAN:
         dp: DPSpec | None,
         batch_size: int,
         rng: np.random.Generator,
+        pool: np.ndarray | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Conditions and moments target of a generator step.
 
         Without DP the generator may use the batch's own profiles and moments (the paper).
         Under DP neither may reach it: real profiles would make its update an unnoised function
-        of records, so it gets public stand-in profiles and the released (DP) moments target.
+        of records, so it gets stand-in profiles (`stand_in_conditions`) and the released (DP)
+        moments target. The stand-ins cost no privacy, so their batch may be larger than D's.
         """
         if dp is None:
             batch = SequenceMoments.of(x.detach().cpu().numpy())
             return c, target if target is not None else self._moment_target(batch, x.device)
         assert target is not None
-        return torch.from_numpy(self.public_conditions(batch_size, rng)).to(x.device), target
+        stand_ins = self.stand_in_conditions(batch_size, rng, pool)
+        return torch.from_numpy(stand_ins).to(x.device), target
 
     @staticmethod
     def _moment_target(
@@ -870,15 +1021,16 @@ class TimeGAN:
         c: torch.Tensor,
         noise_gen: torch.Generator,
         rng: np.random.Generator,
+        pool: np.ndarray | None,
     ) -> float:
         """One DP step; record i's unit is its real week plus two fakes drawn for its profile, plus
-        its real week paired with a public stand-in profile (labelled fake).
+        its real week paired with a stand-in profile (labelled fake).
 
         Opacus accumulates the per-sample gradients of the four D calls at index i, so clipping
         bounds record i's whole influence (its profile enters the fakes too). The mismatched pair
-        uses a public profile, not another record's: pairing with a batch neighbour's profile would
+        uses a stand-in profile, not another record's: pairing with a batch neighbour's profile would
         put record j into record i's clipped unit and double j's sensitivity. That pair teaches D
-        the conditional link, which is the only way the generator (fed public profiles) learns it.
+        the conditional link, which is the only way the generator (fed stand-ins) learns it.
         """
         opt_d.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -888,7 +1040,7 @@ class TimeGAN:
         gamma = self.config.gamma if self.config.through_supervisor else 0.0
         mismatch = 0.0
         if self.config.mismatch_weight > 0:
-            c_pub = torch.from_numpy(self.public_conditions(len(x), rng)).to(x.device)
+            c_pub = torch.from_numpy(self.stand_in_conditions(len(x), rng, pool)).to(x.device)
             mismatch = self.config.mismatch_weight * _per_record_bce(
                 discriminator(h_real, c_pub).squeeze(-1), 0.0
             )
@@ -930,11 +1082,11 @@ class TimeGAN:
         # h_hat = S(e_hat) is the supervisor's next-day prediction: generated latents should
         # follow the dynamics the DP-trained supervisor learned from real embeddings.
         supervised = F.mse_loss(h_hat[:, :-1], e_hat[:, 1:])
-        moments = _moments_loss(x_hat, target)
-        # The link: for its (public) profile a generated week's channel means should sit where the
-        # DP-trained prior puts real weeks with that profile (post-processing of a DP module).
+        # The link: for its (stand-in) profile a generated week's channel means should sit where
+        # the DP-trained prior puts real weeks with that profile (post-processing of a DP module).
         with torch.no_grad():
             expected = prior(cond)
+        moments = _moments_loss(x_hat, target)
         link = _link_loss(x_hat.mean(dim=1) / target["sd"], expected / target["sd"], cond)
         loss = (
             self.config.link_weight * link
@@ -1008,23 +1160,27 @@ def _link_loss(week_means: torch.Tensor, expected: torch.Tensor, cond: torch.Ten
 
 
 def _moments_loss(x: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Tensor:
-    """TimeGAN's moments loss, widened to the week's rhythm: per-(day, channel) means, and per
-    channel the spread between patients' weekly means, the day-to-day spread within a week and its
-    lag-1 carry-over, all in units of the target's per-channel sd (so narrow channels count as
-    much as wide ones).
+    """TimeGAN's moments loss, widened to the week's rhythm, each gap relative to the spread it
+    belongs to (so narrow channels count as much as wide ones): the weekly level in units of the
+    channel's sd; the day-of-week pattern, the covariance of the day-to-day deviations and their
+    lag-1 carry-over in units of the within-week sds; the covariance of weekly levels between
+    patients in units of the between sds.
 
-    Means and one overall sd alone let the generator put all spread into independent daily noise:
-    right marginals, but weeks a recurrent classifier tells apart at once.
+    Means and one overall sd alone let the generator put all spread into one daily factor shared
+    by every channel: right marginals, but weeks a recurrent classifier tells apart at once.
     """
-    sd = target["sd"]
-    week_sq, within, lag1 = (term.mean(dim=0) for term in _spread_terms(x - target["mean"]))
-    week = (x - target["mean"]).mean(dim=1).mean(dim=0)
-    # The epsilon keeps the gradient of sqrt finite where a generated batch has no spread.
-    between_sd = (week_sq - week**2).clamp_min(0.0).add(1e-8).sqrt()
-    gaps = (
-        ((x.mean(dim=0) - target["mean"]).abs() / sd).mean()
-        + ((between_sd - target["between_sd"]).abs() / sd).mean()
-        + ((within.add(1e-8).sqrt() - target["within_sd"]).abs() / sd).mean()
-        + ((lag1 - target["lag1"]).abs() / sd**2).mean()
+    sd, within_sd, between_sd = target["sd"], target["within_sd"], target["between_sd"]
+    y = x - target["mean"]
+    week, products, lag1 = _rhythm_terms(y)
+    level = week.mean(dim=0)
+    day_pattern = y.mean(dim=0) - level
+    centred = week - level
+    between = centred.T @ centred / max(len(x) - 1, 1)
+    within = products.mean(dim=0)
+    return (
+        (level.abs() / sd).mean()
+        + (day_pattern.abs() / within_sd).mean()
+        + ((between - target["between_cov"]).abs() / torch.outer(between_sd, between_sd)).mean()
+        + ((within - target["within_cov"]).abs() / torch.outer(within_sd, within_sd)).mean()
+        + ((lag1.mean(dim=0) - target["lag1"]).abs() / within_sd**2).mean()
     )
-    return gaps

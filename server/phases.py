@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -21,10 +22,10 @@ from configs.schema import CohortSchema
 from configs.settings import RunSettings
 from models.bundle import sample_linked
 from models.encoder import TabularEncoder
-from models.pairs import merge_pair_counts, pair_counts_problem
+from models.pairs import merge_pair_counts, normal_score_correlations, pair_counts_problem
 from models.registry import get_model_class
 from models.statistics import Histograms, merge_histograms
-from models.timegan import SequenceEncoder, SequenceMoments
+from models.timegan import SequenceEncoder, SequenceMoments, encode_stand_ins
 from privacy.storage import atomic_write_text
 from server.audit import (
     check_aggregate_only,
@@ -194,6 +195,8 @@ class Stage:
     model_rounds: int = 0  # rounds of this model over all its stages
     budget_share: float = 1.0  # share of each hospital's remaining epsilon this model may use
     extra_config: dict[str, Any] = field(default_factory=dict)
+    # Config made when the stage starts, from what earlier stages trained (post-processing only).
+    late_config: Callable[[], dict[str, Any]] | None = None
     # SA-DQC: full quality scores per round, and the controller that decides on them.
     quality: Callable[[int], QualityScores] | None = None
     controller: SADQC | None = None
@@ -222,15 +225,13 @@ def sequence_scorer(
 ) -> Callable[[int], float]:
     """1 - mean |gap| of per-(day, channel) means and stds vs the DP sequence moments ([0, 1] scale).
 
-    `profiles` is called once, at the first score: the static generator is trained by then.
+    `profiles` is first called at the first score, when the static generator is trained (plan_stages
+    caches its draw).
     """
     ref_mean, ref_std = reference.mean_std()
-    cache: list[np.ndarray] = []
 
     def score(server_round: int) -> float:
-        if not cache:
-            cache.append(profiles())
-        weeks = model.sample_encoded(cache[0], seed=server_round)
+        weeks = model.sample_encoded(profiles(), seed=server_round)
         mean, std = SequenceMoments.of(weeks).mean_std()
         return float(1.0 - np.abs(mean - ref_mean).mean() - np.abs(std - ref_std).mean())
 
@@ -256,6 +257,7 @@ def _stage_config(
             "seed": fed.seed,
             FEDERATION_ID: federation_id,
             **stage.extra_config,
+            **(stage.late_config() if stage.late_config is not None else {}),
         }
     )
 
@@ -377,6 +379,9 @@ def plan_stages(
         SADQCConfig(**settings.sadqc.model_dump(exclude={"contamination"})), stage=table.registry_name
     )
     quality = table_quality(table, handshake, settings)
+    # How the numeric columns go together, from the DP pair tables (post-processing), for the
+    # static generator's pair loss.
+    pair_targets = normal_score_correlations(handshake.reference_pairs, encoder.schema)
     stages = [
         Stage(
             table,
@@ -386,6 +391,7 @@ def plan_stages(
             budget_share=table_share,
             quality=quality,
             controller=controller,
+            extra_config={"pair-correlations": json.dumps(pair_targets)},
         )
     ]
     if not seq_name:
@@ -393,8 +399,14 @@ def plan_stages(
     sequence = build_model(seq_name, encoder, settings)
     assert handshake.moments is not None
 
+    @functools.cache
     def profiles() -> np.ndarray:  # drawn from the trained static generator (post-processing)
         return encoder.transform(table.sample(settings.export.round_sample_rows, seed=fed.seed))
+
+    def stand_ins() -> dict[str, Any]:
+        # The joint phase's generator trains on these instead of public marginals: realistic
+        # profiles, yet no record in them (samples of the DP-trained static generator).
+        return {"stand-ins": encode_stand_ins(profiles())}
 
     moments = {"moments": handshake.moments.to_json()}
     done = 0
@@ -411,6 +423,7 @@ def plan_stages(
                 model_rounds=fed.sequence_rounds.total,
                 budget_share=1.0,
                 extra_config=moments,
+                late_config=stand_ins if phase == "joint" else None,
             )
         )
         done += rounds

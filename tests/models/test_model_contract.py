@@ -381,3 +381,16 @@ def test_card_without_file_hashes_is_refused(tmp_path: Path) -> None:
     (tmp_path / CARD_FILE).write_text("{}", encoding="utf-8")
     with pytest.raises(BundleError):
         load_bundle(tmp_path)
+
+
+TABLE_MODELS = [m for m in MODELS if getattr(get_model_class(m), "kind", "static") != "sequence"]
+
+
+@pytest.mark.parametrize("name", TABLE_MODELS)
+def test_every_table_model_takes_pair_targets(name: str, encoder: TabularEncoder, data: np.ndarray) -> None:
+    """The client hands the server's DP pair correlations to whichever table model runs."""
+    model = _build(name, encoder)
+    report = model.fit(
+        data, epochs=1, batch_size=BATCH, dp=None, device=CPU, seed=0, pair_targets={"age|bmi": 0.1}
+    )
+    assert report.steps >= 0

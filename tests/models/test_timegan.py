@@ -17,12 +17,17 @@ from models.encoder import EncoderError, TabularEncoder
 from models.registry import get_model_class
 from models.statistics import histogram_counts
 from models.timegan import (
+    DEFAULT_DAY_SD,
+    MOMENT_BLOCKS,
     PHASES,
     SequenceEncoder,
     SequenceMoments,
     TimeGAN,
     _moments_loss,
-    _spread_terms,
+    _outer,
+    _rhythm_terms,
+    decode_stand_ins,
+    encode_stand_ins,
     moments_sensitivity,
     release_noisy_moments,
 )
@@ -213,6 +218,36 @@ def test_log_scaled_channel_round_trips_and_respects_its_range() -> None:
     assert (seq.from_unit(np.array([[1.7, -0.4]])) == [[40000.0, 0.0]]).all()
 
 
+def test_day_sd_is_converted_to_the_unit_scale() -> None:
+    """A linear channel's day_sd is in its unit, a log channel's a fraction; none: the default."""
+    spec = SequenceSpec(
+        length=3,
+        channels=(
+            ChannelSpec(name="steps", min=0.0, max=40000.0, scale="log", day_sd=0.3),
+            ChannelSpec(name="sleep", min=0.0, max=14.0, day_sd=1.0),
+            ChannelSpec(name="mood", min=-5.0, max=5.0),
+        ),
+    )
+    seq = SequenceEncoder(spec, id_column="pid")
+    np.testing.assert_allclose(seq.day_sd, [0.3 / np.log1p(40000.0), 1.0 / 14.0, DEFAULT_DAY_SD])
+    # a 30% change of a typical step count moves its unit value by about day_sd
+    moved = np.diff(seq.to_unit(np.array([[7500.0, 7.0, 0.0], [7500.0 * 1.3, 7.0, 0.0]]))[:, 0])[0]
+    assert moved == pytest.approx(np.log(1.3) / np.log1p(40000.0), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("channel", "match"),
+    [
+        ({"scale": "log", "day_sd": 1.5}, "a fraction"),
+        ({"day_sd": 20.0}, "exceeds the range"),
+        ({"day_sd": -1.0}, "greater than 0"),
+    ],
+)
+def test_implausible_day_sd_is_refused_by_name(channel: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ChannelSpec(name="x", min=0.0, max=14.0, **channel)
+
+
 def test_schema_without_a_sequence_is_refused(schema: CohortSchema) -> None:
     with pytest.raises(EncoderError, match="sequence"):
         SequenceEncoder.from_schema(schema.model_copy(update={"sequence": None}))
@@ -299,8 +334,8 @@ def test_dp_accounting_across_the_three_phases(
     for phase in PHASES:
         report = _fit(model, weeks, cond, phase, dp=dp)
         assert report.steps == steps_per_epoch(N, BATCH)
-        if phase == "joint":  # the two-stage noisy-moments release, then the discriminator's steps
-            expected.extend([(z, 1.0, 1), (z, 1.0, 1)])
+        if phase == "joint":  # the four-block noisy-moments release, then the discriminator's steps
+            expected.extend([(z, 1.0, 1)] * len(MOMENT_BLOCKS))
         expected.append((SIGMA, rate, report.steps))
         assert ledger.spent() > spent
         spent = ledger.spent()
@@ -309,13 +344,11 @@ def test_dp_accounting_across_the_three_phases(
     assert [(e.mechanism, e.steps) for e in ledger.entries] == [
         ("dp-sgd", 4),
         ("dp-sgd", 4),
-        ("gaussian", 1),
-        ("gaussian", 1),
+        *[("gaussian", 1)] * len(MOMENT_BLOCKS),
         ("dp-sgd", 4),
     ]
-    assert [e.what for e in ledger.entries][-3:] == [
-        "timegan round 1 (joint phase) moments (means)",
-        "timegan round 1 (joint phase) moments (spread)",
+    assert [e.what for e in ledger.entries][-5:] == [
+        *[f"timegan round 1 (joint phase) moments ({block})" for block in MOMENT_BLOCKS],
         "timegan round 1 (joint phase)",
     ]
     assert ledger.entries[-1].epsilon_after == pytest.approx(spent)
@@ -323,7 +356,7 @@ def test_dp_accounting_across_the_three_phases(
     totals: dict[tuple[float, float], int] = {}
     for sigma, q, steps in ledger.accountant.history:
         totals[(sigma, q)] = totals.get((sigma, q), 0) + steps
-    assert totals == {(SIGMA, rate): 12, (z, 1.0): 2}
+    assert totals == {(SIGMA, rate): 12, (z, 1.0): len(MOMENT_BLOCKS)}
     reference = PrivacyLedger(max_epsilon=50.0, delta=DELTA, history=expected)
     assert spent == pytest.approx(reference.spent(), rel=1e-9)
     for name in ("embedder", "recovery", "supervisor", "discriminator"):
@@ -397,15 +430,19 @@ def test_phase_over_budget_is_refused_and_changes_nothing(
     assert _states_equal(model.state_dict(), before)
 
 
-def test_noisy_moments_release_is_charged_for_both_stages(weeks: np.ndarray) -> None:
+DAY_SD = np.full(5, 0.05)
+
+
+def test_noisy_moments_release_is_charged_for_every_block(weeks: np.ndarray) -> None:
     ledger = PrivacyLedger(max_epsilon=50.0, delta=DELTA)
     rng = np.random.default_rng(0)
-    released = release_noisy_moments(weeks, ledger=ledger, noise_multiplier=5.0, rng=rng, what="moments")
+    released = release_noisy_moments(
+        weeks, ledger=ledger, noise_multiplier=5.0, rng=rng, what="moments", day_sd=DAY_SD
+    )
     assert [(e.what, e.mechanism, e.noise_multiplier) for e in ledger.entries] == [
-        ("moments (means)", "gaussian", 5.0),
-        ("moments (spread)", "gaussian", 5.0),
+        (f"moments ({block})", "gaussian", 5.0) for block in MOMENT_BLOCKS
     ]
-    reference = PrivacyLedger(max_epsilon=50.0, delta=DELTA, history=[(5.0, 1.0, 2)])
+    reference = PrivacyLedger(max_epsilon=50.0, delta=DELTA, history=[(5.0, 1.0, len(MOMENT_BLOCKS))])
     assert ledger.spent() == pytest.approx(reference.spent(), rel=1e-9)
     mean, std = released.mean_std()
     assert mean.shape == std.shape == (7, 5)
@@ -413,50 +450,120 @@ def test_noisy_moments_release_is_charged_for_both_stages(weeks: np.ndarray) -> 
     rhythm = released.rhythm()
     assert all(np.isfinite(v).all() for v in rhythm.values())
     assert (rhythm["between_sd"] > 0).all() and (rhythm["within_sd"] > 0).all()
+    for key in ("between_cov", "within_cov"):  # noisy, yet a covariance: symmetric, PSD
+        cov = rhythm[key]
+        np.testing.assert_allclose(cov, cov.T, atol=1e-7)
+        assert np.linalg.eigvalsh(cov.astype(np.float64)).min() > -1e-6
 
 
 def test_release_refused_over_budget_charges_nothing(weeks: np.ndarray) -> None:
     ledger = PrivacyLedger(max_epsilon=1.0, delta=DELTA)
-    # One stage at this multiplier fits in epsilon 1, both together do not: nothing may be charged.
-    z = 5.5
-    assert ledger.epsilon_if(noise_multiplier=z, sample_rate=1.0, steps=1) < 1.0
-    assert ledger.epsilon_if(noise_multiplier=z, sample_rate=1.0, steps=2) > 1.0
+    # Three blocks at this multiplier fit in epsilon 1, all four do not: nothing may be charged.
+    z = 8.0
+    assert ledger.epsilon_if(noise_multiplier=z, sample_rate=1.0, steps=3) < 1.0
+    assert ledger.epsilon_if(noise_multiplier=z, sample_rate=1.0, steps=4) > 1.0
     with pytest.raises(BudgetExceededError):
         release_noisy_moments(
-            weeks, ledger=ledger, noise_multiplier=z, rng=np.random.default_rng(0), what="m"
+            weeks, ledger=ledger, noise_multiplier=z, rng=np.random.default_rng(0), what="m", day_sd=DAY_SD
         )
     assert ledger.entries == [] and ledger.spent() == 0.0
 
 
-def test_spread_stage_stays_within_its_sensitivity() -> None:
-    """Worst cases for stage 2: every week at the clip norm, as spiky or as flat as possible."""
+def _worst_cases(shape: tuple[int, ...], rng: np.random.Generator) -> list[np.ndarray]:
+    """One record each: spiky, flat, alternating, and random directions."""
+    spiky = np.zeros((1, *shape))
+    spiky.flat[0] = 1.0
+    cases = [spiky, np.ones((1, *shape)), *rng.normal(size=(200, 1, *shape))]
+    if len(shape) == 2:
+        cases.append(np.tile(np.array([1.0, -1.0] * 4)[: shape[0], None], (1, 1, shape[1])))
+    return cases
+
+
+def test_second_moment_blocks_stay_within_their_sensitivity() -> None:
+    """Every record at its clip norm: the between block's m m^T and the within block's
+    products and lag-1 terms never exceed `moments_sensitivity`."""
     length, channels = 7, 5
-    _, bound = moments_sensitivity(length, channels)
-    tau2 = np.sqrt(bound * length / np.sqrt(2))
+    sensitivity = moments_sensitivity(length, channels)
+    tau_b = np.sqrt(sensitivity["between weeks"])
+    tau_w = np.sqrt(sensitivity["within weeks"] * length / np.sqrt(2))
     rng = np.random.default_rng(0)
-    spiky = np.zeros((1, length, channels))
-    spiky[0, 0, 0] = 1.0
-    flat = np.ones((1, length, channels))
-    alternating = np.tile(np.array([1.0, -1.0] * 4)[:length, None], (1, 1, channels))
-    for y in [spiky, flat, alternating, *rng.normal(size=(200, 1, length, channels))]:
-        y = y * tau2 / np.linalg.norm(y)
-        norm = np.linalg.norm(np.concatenate([t.ravel() for t in _spread_terms(y)]))
-        assert norm <= bound + 1e-12
+    for m in _worst_cases((channels,), rng):
+        m = m * tau_b / np.linalg.norm(m)
+        assert np.linalg.norm(_outer(m)) <= sensitivity["between weeks"] + 1e-12
+    for e in _worst_cases((length, channels), rng):
+        e = e * tau_w / np.linalg.norm(e)
+        _, products, lag1 = _rhythm_terms(e)
+        # the release takes deviations about the weekly mean; the bound holds for any e
+        norm = np.linalg.norm(np.concatenate([products.ravel(), lag1.ravel()]))
+        assert norm <= sensitivity["within weeks"] + 1e-12
+
+
+def _correlated_weeks(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weeks with known between and within covariances (channel 1 varies 10x less than the rest)."""
+    scale = np.array([0.03, 0.003, 0.03, 0.03, 0.03])
+    mix = np.eye(5) + 0.5 * np.eye(5, k=1)  # neighbouring channels move together
+    within = (mix @ mix.T) * np.outer(scale, scale)
+    between = 4 * within
+    person = rng.multivariate_normal(np.zeros(5), between, n)[:, None, :]
+    days = rng.multivariate_normal(np.zeros(5), within, (n, 7))
+    return np.clip(0.4 + person + days, 0.0, 1.0), between, within
 
 
 def test_release_recovers_the_rhythm_of_many_weeks() -> None:
-    """With many weeks and mild noise the two stages give back the exact means and spreads."""
+    """With many weeks and mild noise the four blocks give back the exact means and covariances."""
     rng = np.random.default_rng(1)
-    person = rng.normal(0.0, 0.06, (20000, 1, 5))
-    weeks = np.clip(0.4 + person + rng.normal(0.0, 0.03, (20000, 7, 5)), 0.0, 1.0)
+    weeks, _, within = _correlated_weeks(20000, rng)
     ledger = PrivacyLedger(max_epsilon=1e3, delta=DELTA)
-    released = release_noisy_moments(weeks, ledger=ledger, noise_multiplier=2.0, rng=rng, what="m")
+    day_sd = np.sqrt(np.diag(within))
+    released = release_noisy_moments(
+        weeks, ledger=ledger, noise_multiplier=2.0, rng=rng, what="m", day_sd=day_sd
+    )
     exact, noisy = SequenceMoments.of(weeks).rhythm(), released.rhythm()
     np.testing.assert_allclose(noisy["mean"], exact["mean"], atol=0.005)
     for key in ("sd", "between_sd", "within_sd"):
         np.testing.assert_allclose(noisy[key], exact[key], rtol=0.1, err_msg=key)
-    np.testing.assert_allclose(exact["between_sd"], 0.06, rtol=0.05)
-    np.testing.assert_allclose(exact["within_sd"], 0.03 * np.sqrt(6 / 7), rtol=0.05)
+    np.testing.assert_allclose(exact["within_cov"], within * 6 / 7, rtol=0.05, atol=2e-5)
+    # The between block is on the [0, 1] scale: the narrow channel 1 carries more relative noise
+    # there, so its row is left out of that check.
+    for key, keep in (("between_cov", [0, 2, 3, 4]), ("within_cov", list(range(5)))):
+        sd = np.sqrt(np.diag(exact[key]))
+        corr_gap = ((noisy[key] - exact[key]) / np.outer(sd, sd))[np.ix_(keep, keep)]
+        assert np.abs(corr_gap).max() < 0.1, key
+
+
+def test_day_sd_units_keep_a_narrow_channel_accurate() -> None:
+    """The reason for `day_sd`: measured in its own units, a channel that varies 10x less than the
+    others gets its within-week spread with the same relative error; on one common scale it is
+    buried in noise sized for the wide channels."""
+    rng = np.random.default_rng(2)
+    weeks, _, within = _correlated_weeks(1000, rng)
+    exact = SequenceMoments.of(weeks).rhythm()["within_sd"][1]
+    declared = np.sqrt(np.diag(within))
+    errors: dict[str, list[float]] = {"declared": [], "common": []}
+    for trial in range(20):
+        for name, day_sd in (("declared", declared), ("common", np.full(5, 0.03))):
+            ledger = PrivacyLedger(max_epsilon=1e3, delta=DELTA)
+            released = release_noisy_moments(
+                weeks,
+                ledger=ledger,
+                noise_multiplier=10.0,
+                rng=np.random.default_rng(trial),
+                what="m",
+                day_sd=day_sd,
+            )
+            errors[name].append(abs(released.rhythm()["within_sd"][1] / exact - 1))
+    assert np.mean(errors["declared"]) < 0.1 < np.mean(errors["common"])
+
+
+def test_moments_loss_sees_a_shared_daily_factor() -> None:
+    """Same per-channel means and spreads, but every channel driven by one daily factor: the
+    cross-channel terms of the loss must tell that from independent channels."""
+    rng = np.random.default_rng(3)
+    independent = 0.5 + 0.05 * rng.standard_normal((4000, 7, 5))
+    shared = 0.5 + 0.05 * np.repeat(rng.standard_normal((4000, 7, 1)), 5, axis=2)
+    target = SequenceMoments.of(independent)
+    assert _moments_gap(independent.astype(np.float32), target) < 0.1
+    assert _moments_gap(shared.astype(np.float32), target) > 1.0
 
 
 def test_moments_merge_by_adding(weeks: np.ndarray) -> None:
@@ -464,11 +571,86 @@ def test_moments_merge_by_adding(weeks: np.ndarray) -> None:
     merged = SequenceMoments.of(weeks[:half]).merged(SequenceMoments.of(weeks[half:]))
     whole = SequenceMoments.of(weeks)
     assert merged.count == whole.count == N
-    for name in ("sums", "squares", "week_squares"):
+    for name in ("sums", "squares", "week_products"):
         np.testing.assert_allclose(getattr(merged, name), getattr(whole, name), rtol=1e-9)
     round_trip = SequenceMoments.from_json(merged.to_json())
-    for name in ("sums", "squares", "week_squares", "within", "lag1"):
+    for name in ("sums", "squares", "week_products", "within", "lag1"):
         np.testing.assert_allclose(getattr(round_trip, name), getattr(merged, name))
+
+
+def test_moments_from_an_older_format_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"lack \['week_products'\]"):
+        SequenceMoments.from_json(
+            '{"sums": [], "squares": [], "count": 1, "within": [], "lag1": [], "week_squares": []}'
+        )
+
+
+# ---------------------------------------------------------------- stand-in profiles
+def test_stand_ins_round_trip_and_are_drawn_from(trained: TimeGAN) -> None:
+    pool = trained.public_conditions(30, np.random.default_rng(0))
+    decoded = decode_stand_ins(encode_stand_ins(pool), trained.cond_dim)
+    np.testing.assert_array_equal(decoded, pool)
+    drawn = trained.stand_in_conditions(200, np.random.default_rng(1), decoded)
+    rows = {row.tobytes() for row in pool}
+    assert drawn.shape == (200, trained.cond_dim) and all(row.tobytes() in rows for row in drawn)
+
+
+@pytest.mark.parametrize(
+    ("blob", "match"),
+    [
+        (b"not an array", "not a readable"),
+        (None, "shape"),  # wrong width
+        (encode_stand_ins(np.full((3, 2), np.nan)), "shape"),
+        ("nan", "NaN"),
+    ],
+)
+def test_malformed_stand_ins_are_refused_by_name(trained: TimeGAN, blob: Any, match: str) -> None:
+    width = trained.cond_dim
+    if blob is None:
+        blob = encode_stand_ins(np.zeros((3, width + 1)))
+    elif blob == "nan":
+        blob = encode_stand_ins(np.full((3, width), np.nan))
+    with pytest.raises(EncoderError, match=f"stand-in profiles.*{match}"):
+        decode_stand_ins(blob, width)
+
+
+def test_joint_phase_trains_its_generator_on_the_given_stand_ins(
+    trained: TimeGAN, encoder: TabularEncoder, weeks: np.ndarray, cond: np.ndarray
+) -> None:
+    """The pool changes what the generator learns (same seeds otherwise), and a pool of the
+    wrong width is refused before any step."""
+    results = []
+    for pool in (None, trained.public_conditions(5, np.random.default_rng(9))):
+        model = TimeGAN(encoder, SMALL)
+        model.load_state_dict(trained.state_dict())
+        ledger = PrivacyLedger(max_epsilon=1e3, delta=DELTA)
+        dp = DPSpec(noise_multiplier=SIGMA, clipping_norm=1.0, ledger=ledger)
+        model.fit(
+            weeks,
+            cond,
+            phase="joint",
+            epochs=1,
+            batch_size=BATCH,
+            dp=dp,
+            device=CPU,
+            seed=0,
+            moments=_public_moments(0.5, 0.1),
+            stand_ins=pool,
+        )
+        results.append(model.state_dict()["generator.head.weight"])
+    assert not torch.equal(results[0], results[1])
+    with pytest.raises(ValueError, match="stand-in profiles must have shape"):
+        trained.fit(
+            weeks,
+            cond,
+            phase="joint",
+            epochs=1,
+            batch_size=BATCH,
+            dp=None,
+            device=CPU,
+            seed=0,
+            stand_ins=np.zeros((4, trained.cond_dim + 1)),
+        )
 
 
 # ---------------------------------------------------------------- sampling
