@@ -355,10 +355,33 @@ def run_stage(
         first_round=start.first_round,
         after_round=round_done,
     )
+    check_stage_trained(stage.label, strategy.rounds)
     final = best["arrays"] if stage.controller is not None else result.arrays
     if len(final) > 0:  # the controller's best round, else the last aggregate
         stage.model.load_state_dict(final.to_torch_state_dict())
     return StageOutcome(strategy.rounds, scores)
+
+
+class StageError(RuntimeError):
+    """A stage ran its rounds but no hospital's update was ever aggregated: nothing was trained."""
+
+
+def check_stage_trained(label: str, rounds: list[RoundLog]) -> None:
+    """Refuse to go on (and export) with a model no round updated, naming the refusals.
+
+    A round without enough valid updates keeps the global model as it was; if that happens in
+    every round of a stage, the model is still its random initialisation.
+    """
+    if not rounds or any(log.aggregated for log in rounds):
+        return
+    reasons = sorted(
+        {f"{r.get('hospital', '?')}: {r.get('reason', '?')}" for log in rounds for r in log.rejected}
+    )
+    shown = "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
+    raise StageError(
+        f"{label}: no round aggregated any hospital's update, so the model is untrained; "
+        f"refusals: {shown or 'none reported (no replies)'}"
+    )
 
 
 def build_model(name: str, encoder: TabularEncoder, settings: RunSettings) -> Any:

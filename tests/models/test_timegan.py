@@ -23,6 +23,7 @@ from models.timegan import (
     SequenceEncoder,
     SequenceMoments,
     TimeGAN,
+    _link_loss,
     _moments_loss,
     _outer,
     _rhythm_terms,
@@ -564,6 +565,20 @@ def test_moments_loss_sees_a_shared_daily_factor() -> None:
     target = SequenceMoments.of(independent)
     assert _moments_gap(independent.astype(np.float32), target) < 0.1
     assert _moments_gap(shared.astype(np.float32), target) > 1.0
+
+
+def test_link_loss_sees_a_profile_entry_the_prior_does_not_explain() -> None:
+    """Weeks = prior + independent spread: near zero. Weeks that also follow one more profile
+    entry (of 6) than the prior does: that entry's missed shift shows."""
+    generator = torch.Generator().manual_seed(0)
+    cond = torch.randn(4000, 6, generator=generator)
+    expected = 0.5 + 0.05 * cond[:, :1].repeat(1, 5)
+    weeks = expected + 0.03 * torch.randn(4000, 5, generator=generator)
+    fits = float(_link_loss(weeks, expected, cond))
+    extra = float(_link_loss(weeks + 0.02 * cond[:, 3:4], expected, cond))
+    # the missed shift is 0.02 on one of 5 x 11 (channel, regressor) terms: 0.0018 on the mean
+    assert fits < 0.0015
+    assert extra > fits + 0.0015
 
 
 def test_moments_merge_by_adding(weeks: np.ndarray) -> None:
