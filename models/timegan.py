@@ -520,8 +520,9 @@ class TimeGAN:
     Privacy: embedder (with its link prior), recovery, supervisor and discriminator read real
     weeks (or their embeddings) and are trained only by DP-SGD. The generator never touches a
     real record: it learns through the DP-trained discriminator, supervisor, recovery and link
-    prior on public stand-in conditions, against DP moments, so its updates are post-processing
-    and use a plain optimizer.
+    prior on stand-in profiles (the DP static generator's samples, or public marginals), against
+    DP moments, so its updates are post-processing and use a plain optimizer. The same
+    post-processing losses also tune the recovery in the joint phase (`tune_recovery`).
 
     Sampling goes generator -> recovery by default (`through_supervisor`): under DP the weak
     supervisor collapsed the generated spread. The link between profile and week comes from two
@@ -885,8 +886,9 @@ class TimeGAN:
     ) -> FitReport:
         """Adversarial phase: DP discriminator vs. a generator that learns only through DP modules.
 
-        Embedder, recovery and supervisor stay fixed here (TimeGAN's joint refinement of the
-        embedder would need another DP-SGD pass over the same records for little gain).
+        Embedder and supervisor stay fixed here (TimeGAN's joint refinement of the embedder would
+        need another DP-SGD pass over the same records for little gain); the recovery is tuned by
+        the generator's post-processing losses unless `tune_recovery` is off.
         """
         torch.manual_seed(seed)
         pool = self._check_pool(stand_ins)
