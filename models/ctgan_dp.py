@@ -90,7 +90,9 @@ class DPCTGAN:
         self._blocks = encoder.categorical_blocks()
         self._cond_offsets = np.cumsum([0] + [b.width for b in self._blocks[:-1]]).tolist()
         self.cond_dim = sum(b.width for b in self._blocks)
-        self._numeric_columns = [b.start for b in encoder.blocks if b.kind == "numeric"]
+        numeric = [b for b in encoder.blocks if b.kind == "numeric"]
+        self._numeric_columns = [b.start for b in numeric]
+        self._numeric_index = {b.name: i for i, b in enumerate(numeric)}  # name -> position among them
         self._pair_target: tuple[torch.Tensor, torch.Tensor] | None = None
         torch.manual_seed(seed)
         self.generator = Generator(
@@ -173,7 +175,7 @@ class DPCTGAN:
         """(target r, mask) over the numeric outputs, from {"a|b": r}; None without targets."""
         if not targets:
             return None
-        index = {b.name: i for i, b in enumerate(b for b in self.encoder.blocks if b.kind == "numeric")}
+        index = self._numeric_index
         k = len(index)
         target, mask = torch.zeros(k, k), torch.zeros(k, k)
         for key, r in targets.items():

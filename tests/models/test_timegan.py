@@ -640,32 +640,11 @@ def test_joint_phase_trains_its_generator_on_the_given_stand_ins(
         model.load_state_dict(trained.state_dict())
         ledger = PrivacyLedger(max_epsilon=1e3, delta=DELTA)
         dp = DPSpec(noise_multiplier=SIGMA, clipping_norm=1.0, ledger=ledger)
-        model.fit(
-            weeks,
-            cond,
-            phase="joint",
-            epochs=1,
-            batch_size=BATCH,
-            dp=dp,
-            device=CPU,
-            seed=0,
-            moments=_public_moments(0.5, 0.1),
-            stand_ins=pool,
-        )
+        _fit(model, weeks, cond, "joint", dp=dp, moments=_public_moments(0.5, 0.1), stand_ins=pool)
         results.append(model.state_dict()["generator.head.weight"])
     assert not torch.equal(results[0], results[1])
     with pytest.raises(ValueError, match="stand-in profiles must have shape"):
-        trained.fit(
-            weeks,
-            cond,
-            phase="joint",
-            epochs=1,
-            batch_size=BATCH,
-            dp=None,
-            device=CPU,
-            seed=0,
-            stand_ins=np.zeros((4, trained.cond_dim + 1)),
-        )
+        _fit(trained, weeks, cond, "joint", stand_ins=np.zeros((4, trained.cond_dim + 1)))
 
 
 # ---------------------------------------------------------------- sampling
