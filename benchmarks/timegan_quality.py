@@ -3,7 +3,7 @@
 3 hospitals (non-iid Dirichlet split of the 4000-patient demo cohort, 80% of each trains as in
 the audit's member split), phases run as FedAvg rounds with the round counts, batch size and
 TimeGAN config of configs/demo.toml, every hospital with its own ledger: the handshake's releases
-(histograms, pair tables, the two-stage sequence moments) at the demo's statistics share, a
+(histograms, pair tables, the sequence moments' four blocks) at the demo's statistics share, a
 stand-in charge for the static generator's share, then TimeGAN's noise planned to reach max epsilon.
 
     python benchmarks/timegan_quality.py [--patients 4000] [--eval 2000] [key=value config overrides]

@@ -175,8 +175,7 @@ def pearson_from_table(table: np.ndarray, x: np.ndarray, y: np.ndarray) -> float
 
 def normal_scores(marginal: np.ndarray) -> np.ndarray:
     """Each cell's normal score: the probit of its mid-cumulative share of the (clipped) mass."""
-    p = np.clip(np.asarray(marginal, dtype=np.float64), 0.0, None)
-    p = p / p.sum() if p.sum() > 0 else np.full(len(p), 1.0 / len(p))
+    p = _probabilities(marginal)
     mid = np.cumsum(p) - p / 2
     return ndtri(np.clip(mid, 1e-6, 1 - 1e-6))
 
@@ -193,7 +192,7 @@ def normal_score_correlations(
     for spec_a, spec_b in column_pairs(schema):
         if spec_a.is_categorical or spec_b.is_categorical:
             continue
-        table = np.clip(np.asarray(tables[pair_key(spec_a.name, spec_b.name)], dtype=np.float64), 0.0, None)
+        table = _probabilities(tables[pair_key(spec_a.name, spec_b.name)])
         z_a, z_b = normal_scores(table.sum(axis=1)), normal_scores(table.sum(axis=0))
         out[pair_key(spec_a.name, spec_b.name)] = pearson_from_table(table, z_a, z_b)
     return out

@@ -268,7 +268,7 @@ class SequenceMoments:
 
 def _nearest_covariance(matrix: np.ndarray, floor: float = 1e-8, ceiling: float = 0.25) -> np.ndarray:
     """Symmetric, eigenvalues in [floor, ceiling]: the covariance nearest a noisy estimate."""
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    values, vectors = np.linalg.eigh(_symmetric(matrix))
     return (vectors * np.clip(values, floor, ceiling)) @ vectors.T
 
 
@@ -344,7 +344,9 @@ def release_noisy_moments(
     so hospitals merge by adding and the noise of the centre cancels from the spread estimates.
     """
     blocks = len(MOMENT_BLOCKS)
-    ledger.check(f"{what} (4 blocks)", noise_multiplier=noise_multiplier, sample_rate=1.0, steps=blocks)
+    ledger.check(
+        f"{what} ({blocks} blocks)", noise_multiplier=noise_multiplier, sample_rate=1.0, steps=blocks
+    )
     x = np.clip(x.astype(np.float64), 0.0, 1.0)
     length, channels = x.shape[1:]
     tau = _clip_norms(length, channels)
@@ -363,7 +365,7 @@ def release_noisy_moments(
     sums = week_block[:-1] + 0.5 * n + noisy("day deviations", deviations) * day_sd
     centre = np.clip(sums / n, 0.0, 1.0)
 
-    m, _, _ = _rhythm_terms(x - centre)
+    m = (x - centre).mean(axis=1)
     between = _symmetric(noisy("between weeks", _outer(_clip_rows(m, tau["between weeks"])).sum(axis=0)))
     e = _clip_rows((x - centre - m[:, None, :]) / day_sd, tau["within weeks"])
     _, products, lag1 = _rhythm_terms(e)
@@ -397,14 +399,19 @@ def decode_stand_ins(data: bytes, width: int) -> np.ndarray:
         profiles = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise EncoderError(f"stand-in profiles are not a readable .npy array: {err}") from err
-    if profiles.dtype.kind != "f" or profiles.ndim != 2 or profiles.shape[1] != width or not len(profiles):
-        raise EncoderError(
-            f"stand-in profiles must be a float array of shape (n >= 1, {width}), "
-            f"got {profiles.dtype} {profiles.shape}"
-        )
+    if profiles.dtype.kind != "f":
+        raise EncoderError(f"stand-in profiles must be a float array, got {profiles.dtype}")
+    return checked_stand_ins(profiles, width)
+
+
+def checked_stand_ins(profiles: np.ndarray, width: int) -> np.ndarray:
+    """Stand-in profiles as float32, refused unless finite with shape (n >= 1, width)."""
+    profiles = np.asarray(profiles, dtype=np.float32)
+    if profiles.ndim != 2 or profiles.shape[1] != width or not len(profiles):
+        raise EncoderError(f"stand-in profiles must have shape (n >= 1, {width}), got {profiles.shape}")
     if not np.isfinite(profiles).all():
         raise EncoderError("stand-in profiles contain NaN or infinite values")
-    return profiles.astype(np.float32)
+    return profiles
 
 
 # ==================================================================== networks
@@ -658,16 +665,6 @@ class TimeGAN:
             return self.public_conditions(n, rng)
         return pool[rng.integers(0, len(pool), n)]
 
-    def _check_pool(self, pool: np.ndarray | None) -> np.ndarray | None:
-        if pool is None:
-            return None
-        pool = np.asarray(pool, dtype=np.float32)
-        if pool.ndim != 2 or pool.shape[1] != self.cond_dim or len(pool) == 0:
-            raise ValueError(f"stand-in profiles must have shape (n >= 1, {self.cond_dim}), got {pool.shape}")
-        if not np.isfinite(pool).all():
-            raise ValueError("stand-in profiles contain NaN or infinite values")
-        return pool
-
     def _noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """The generator's input: (n, length, noise_dim) Gaussian noise + each day's one-hot."""
         length = self.sequence.length
@@ -891,7 +888,7 @@ class TimeGAN:
         the generator's post-processing losses unless `tune_recovery` is off.
         """
         torch.manual_seed(seed)
-        pool = self._check_pool(stand_ins)
+        pool = None if stand_ins is None else checked_stand_ins(stand_ins, self.cond_dim)
         rng = np.random.default_rng(seed)
         noise_gen = torch.Generator().manual_seed(seed)
         loader = self._loader(data, cond, batch_size, seed)
@@ -959,7 +956,7 @@ class TimeGAN:
         function of real rows steering the generator, which would void its post-processing
         argument; passing them through the DP embedder/recovery would not help either (the
         outputs are still per-batch functions of real rows). So the target is a Gaussian-mechanism
-        release (two stages, see `release_noisy_moments`), charged to the same ledger.
+        release (four blocks, see `release_noisy_moments`), charged to the same ledger.
         Better still: the server merges such releases once and passes `moments` to every round.
         """
         z = self.config.moments_noise_multiplier
