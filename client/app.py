@@ -38,6 +38,7 @@ from client.tasks import (
 )
 from configs.settings import RunSettings, settings_from_run_config
 from models.encoder import EncoderError
+from models.numeric_moments import NUMERIC_KEY
 from privacy.ledger import BudgetExceededError, PrivacyLedger
 from strategies.fedavg import FEDERATION_ID, NODE_INFO_KEY
 
@@ -117,6 +118,7 @@ def handshake(message: Message, context: Context) -> Message:
         {
             "histograms": ArrayRecord({k: Array(v) for k, v in stats.histograms.items()}),
             "pairs": ArrayRecord({k: Array(v) for k, v in stats.pairs.items()}),
+            "numeric": ArrayRecord({NUMERIC_KEY: Array(stats.numeric)}),
             "metrics": MetricRecord(
                 {
                     "num-examples": cohort.n_patients,

@@ -15,6 +15,7 @@ from configs.schema import CohortSchema
 from configs.settings import RunSettings
 from models.ctgan_dp import DPSpec, FitReport
 from models.encoder import EncoderError, TabularEncoder
+from models.numeric_moments import release_numeric_products
 from models.pairs import pair_counts
 from models.registry import get_model_class
 from models.runtime import resolve_device
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 class HandshakeStatistics:
     histograms: Histograms
     pairs: Histograms
+    numeric: np.ndarray  # sums of a a^T, a = (numeric columns, 1): `models.numeric_moments`
     moments: SequenceMoments | None
 
 
@@ -50,13 +52,14 @@ def handshake_statistics(
     seed: int | None,
     with_moments: bool,
 ) -> HandshakeStatistics:
-    """DP histograms of every column and column pair (+ DP sequence moments), `epsilon` in all.
+    """DP histograms of every column and column pair, the numeric columns' second moments
+    (+ DP sequence moments), `epsilon` in all.
 
     k Gaussian releases with noise multiplier z * sqrt(k) cost, under RDP, exactly what one
     release with z costs, so the statistics' share of the budget is split evenly between them.
-    The sequence moments are four releases (`models.timegan.MOMENT_BLOCKS`).
+    The sequence moments are one release per block (`models.timegan.MOMENT_BLOCKS`).
     """
-    releases = 2 + (len(MOMENT_BLOCKS) if with_moments else 0)
+    releases = 3 + (len(MOMENT_BLOCKS) if with_moments else 0)
     z = gaussian_noise_multiplier(epsilon=epsilon, delta=ledger.delta) * math.sqrt(releases)
     ledger.check("handshake statistics", noise_multiplier=z, sample_rate=1.0, steps=releases)
     rng = np.random.default_rng(seed)
@@ -65,6 +68,9 @@ def handshake_statistics(
     )
     pairs = release_noisy_histograms(
         pair_counts(cohort.static, schema), ledger=ledger, rng=rng, noise_multiplier=z
+    )
+    numeric = release_numeric_products(
+        cohort.static, schema, histograms, ledger=ledger, noise_multiplier=z, rng=rng
     )
     moments = None
     if with_moments:
@@ -76,7 +82,7 @@ def handshake_statistics(
             what="handshake sequence moments",
             day_sd=SequenceEncoder.from_schema(schema).day_sd,
         )
-    return HandshakeStatistics(histograms, pairs, moments)
+    return HandshakeStatistics(histograms, pairs, numeric, moments)
 
 
 def _pair_targets(text: str) -> dict[str, float] | None:

@@ -18,7 +18,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy.special import ndtri
 
 from configs.schema import CohortSchema, ColumnSpec
 from models.statistics import merge_histograms
@@ -171,31 +170,6 @@ def pearson_from_table(table: np.ndarray, x: np.ndarray, y: np.ndarray) -> float
         return 0.0
     r = float(dx @ p @ dy / math.sqrt(var_x * var_y))
     return max(-1.0, min(1.0, r))
-
-
-def normal_scores(marginal: np.ndarray) -> np.ndarray:
-    """Each cell's normal score: the probit of its mid-cumulative share of the (clipped) mass."""
-    p = _probabilities(marginal)
-    mid = np.cumsum(p) - p / 2
-    return ndtri(np.clip(mid, 1e-6, 1 - 1e-6))
-
-
-def normal_score_correlations(
-    tables: PairCounts, schema: CohortSchema, *, max_bins: int = PAIR_MAX_BINS
-) -> dict[str, float]:
-    """Pearson's r on each axis's normal scores, for every pair of numeric columns, keyed `"a|b"`.
-
-    The scale a generator that emits probits of each column's CDF (`TabularEncoder`) can match
-    directly; post-processing of the (DP) tables, which fix both axes' marginals as well.
-    """
-    out = {}
-    for spec_a, spec_b in column_pairs(schema):
-        if spec_a.is_categorical or spec_b.is_categorical:
-            continue
-        table = _probabilities(tables[pair_key(spec_a.name, spec_b.name)])
-        z_a, z_b = normal_scores(table.sum(axis=1)), normal_scores(table.sum(axis=0))
-        out[pair_key(spec_a.name, spec_b.name)] = pearson_from_table(table, z_a, z_b)
-    return out
 
 
 def cramers_v(table: np.ndarray) -> float:

@@ -146,8 +146,8 @@ class SequenceEncoder:
 MEAN_CLIP_SHARE = 0.65  # of sqrt(channels) / 2, the largest norm of weekly means - 1/2
 DEVIATION_CLIP = 1.0  # RMS per (day, channel) cell, in day_sd units
 BETWEEN_CLIP = 0.15  # RMS per channel, [0, 1] scale
-# The four Gaussian releases of `release_noisy_moments`, each a block with its own sensitivity.
-MOMENT_BLOCKS = ("weekly means", "day deviations", "between weeks", "within weeks")
+# The Gaussian releases of `release_noisy_moments`, each a block with its own sensitivity.
+MOMENT_BLOCKS = ("weekly means", "day deviations", "between weeks", "within weeks", "day by day")
 
 
 def _rhythm_terms(y: Any) -> tuple[Any, Any, Any]:
@@ -169,6 +169,19 @@ def _rhythm_terms(y: Any) -> tuple[Any, Any, Any]:
     return week, within, (e[:, :-1] * e[:, 1:]).sum(axis=1) / length
 
 
+def _day_by_day(e: Any) -> Any:
+    """Per week of the deviations e (n, length, channels): sum_c e_c e_c^T (n, length, length),
+    how each day's deviation goes with every other day's, pooled over channels.
+
+    Without it the generator's weeks had a start-up transient (day 1 deviations 1.5x the week's
+    sd, mid-week 0.7x; real 1.1x and 0.95x) and too smooth a carry-over (resting_hr day 1 ~ day 2
+    r 0.70, real 0.38): the classifier's main cue once levels and channel covariances matched.
+    """
+    if isinstance(e, torch.Tensor):
+        return torch.einsum("ntc,nsc->nts", e, e)
+    return np.einsum("ntc,nsc->nts", e, e)
+
+
 def _outer(m: Any) -> Any:
     """Per row of m (n, channels): m m^T (n, channels, channels)."""
     return m[:, :, None] * m[:, None, :]
@@ -185,7 +198,10 @@ class SequenceMoments:
         mean, once the (day, channel) means are removed (-> day-to-day spread and how channels
         move together from day to day);
     lag1: per channel, sum of each week's lag-1 products of those deviations / length
-        (-> carry-over from one day to the next).
+        (-> carry-over from one day to the next);
+    day_by_day: (length, length) sum of `_day_by_day` of those deviations in day_sd units
+        (-> each day's spread and its carry-over to every other day, pooled over channels);
+    day_sd: the per-channel unit of day_by_day (public: the schema's `day_sd`, or ones).
     """
 
     sums: np.ndarray
@@ -194,14 +210,27 @@ class SequenceMoments:
     week_products: np.ndarray
     within: np.ndarray
     lag1: np.ndarray
+    day_by_day: np.ndarray
+    day_sd: np.ndarray
 
-    _FIELDS: ClassVar[tuple[str, ...]] = ("sums", "squares", "week_products", "within", "lag1")
+    _FIELDS: ClassVar[tuple[str, ...]] = (
+        "sums",
+        "squares",
+        "week_products",
+        "within",
+        "lag1",
+        "day_by_day",
+        "day_sd",
+    )
 
     @classmethod
-    def of(cls, x: np.ndarray) -> SequenceMoments:
-        """Exact sums of the weeks x (n, length, channels)."""
+    def of(cls, x: np.ndarray, *, day_sd: np.ndarray | None = None) -> SequenceMoments:
+        """Exact sums of the weeks x (n, length, channels); `day_sd`: the unit of day_by_day."""
         x = x.astype(np.float64)
-        _, within, lag1 = _rhythm_terms(x - x.mean(axis=0))
+        unit = np.ones(x.shape[2]) if day_sd is None else np.asarray(day_sd, dtype=np.float64)
+        y = x - x.mean(axis=0)
+        _, within, lag1 = _rhythm_terms(y)
+        e = (y - y.mean(axis=1, keepdims=True)) / unit
         return cls(
             sums=x.sum(axis=0),
             squares=(x**2).sum(axis=0),
@@ -209,6 +238,8 @@ class SequenceMoments:
             week_products=_outer(x.mean(axis=1)).sum(axis=0),
             within=within.sum(axis=0),
             lag1=lag1.sum(axis=0),
+            day_by_day=_day_by_day(e).sum(axis=0),
+            day_sd=unit,
         )
 
     def to_json(self) -> str:
@@ -224,9 +255,36 @@ class SequenceMoments:
         arrays = {name: np.asarray(data[name], dtype=np.float64) for name in cls._FIELDS}
         return cls(count=float(data["count"]), **arrays)
 
+    def problem(self, length: int, day_sd: np.ndarray) -> str | None:
+        """Why these sums cannot be those of `length`-day weeks of len(day_sd) channels in
+        `day_sd` units (a shape, a non-finite value, other units), or None."""
+        channels = len(day_sd)
+        shapes = {
+            "sums": (length, channels),
+            "squares": (length, channels),
+            "week_products": (channels, channels),
+            "within": (channels, channels),
+            "lag1": (channels,),
+            "day_by_day": (length, length),
+            "day_sd": (channels,),
+        }
+        for name, shape in shapes.items():
+            value = getattr(self, name)
+            if value.shape != shape:
+                return f"sequence moments' {name} has shape {value.shape}, expected {shape}"
+            if not np.isfinite(value).all():
+                return f"sequence moments' {name} is not finite"
+        if not math.isfinite(self.count):
+            return "sequence moments' count is not finite"
+        if not np.allclose(self.day_sd, day_sd):
+            return f"sequence moments are in day_sd units {self.day_sd.tolist()}, expected {list(day_sd)}"
+        return None
+
     def merged(self, other: SequenceMoments) -> SequenceMoments:
-        arrays = {name: getattr(self, name) + getattr(other, name) for name in self._FIELDS}
-        return SequenceMoments(count=self.count + other.count, **arrays)
+        if not np.allclose(self.day_sd, other.day_sd):
+            raise ValueError(f"sequence moments in different day_sd units: {self.day_sd} vs {other.day_sd}")
+        sums = {name: getattr(self, name) + getattr(other, name) for name in self._FIELDS if name != "day_sd"}
+        return SequenceMoments(count=self.count + other.count, day_sd=self.day_sd, **sums)
 
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std per (day, channel), projected onto what [0, 1] data allows (noise can overshoot)."""
@@ -241,7 +299,9 @@ class SequenceMoments:
         mean (day, channel); per channel: sd (pooled over days), between_sd and within_sd (their
         diagonals' roots) and lag1 (autocovariance of the within-week deviations); between_cov and
         within_cov (channels, channels): covariances of weekly means and of day-to-day deviations,
-        made positive semi-definite (noise can leave negative eigenvalues).
+        made positive semi-definite (noise can leave negative eigenvalues); day_by_day (length,
+        length): the covariance of the deviations across days per channel, in day_sd units,
+        averaged over channels (also made positive semi-definite); day_sd: its unit.
         """
         count = max(self.count, 1.0)
         mean, _ = self.mean_std()
@@ -262,6 +322,8 @@ class SequenceMoments:
             "between_cov": between,
             "within_cov": within,
             "lag1": lag1,
+            "day_by_day": _nearest_covariance(self.day_by_day / count / len(self.day_sd), ceiling=np.inf),
+            "day_sd": self.day_sd,
         }
         return {key: value.astype(np.float32) for key, value in out.items()}
 
@@ -281,6 +343,7 @@ def _clip_norms(length: int, n_channels: int) -> dict[str, float]:
         "day deviations": deviation,
         "between weeks": BETWEEN_CLIP * math.sqrt(n_channels),
         "within weeks": deviation,
+        "day by day": deviation,
     }
 
 
@@ -295,7 +358,9 @@ def moments_sensitivity(length: int, n_channels: int) -> dict[str, float]:
     tau_w): a sum of positive semi-definite matrices has Frobenius norm at most its trace,
     |e|^2 / length; each |lag-1 term| is at most its channel's share of that trace (|ab| <=
     (a^2 + b^2) / 2 over the pairs), so the lag-1 block's norm is at most |e|^2 / length too, and
-    sqrt(2) tau_w^2 / length bounds the block.
+    sqrt(2) tau_w^2 / length bounds the block. day by day (sum_c e_c e_c^T for the same clipped
+    deviations, e_c the channel's days): positive semi-definite again, so its Frobenius norm is at
+    most its trace |e|^2 <= tau_w^2.
     """
     tau = _clip_norms(length, n_channels)
     return {
@@ -303,6 +368,7 @@ def moments_sensitivity(length: int, n_channels: int) -> dict[str, float]:
         "day deviations": tau["day deviations"],
         "between weeks": tau["between weeks"] ** 2,
         "within weeks": math.sqrt(2) * tau["within weeks"] ** 2 / length,
+        "day by day": tau["day by day"] ** 2,
     }
 
 
@@ -327,13 +393,14 @@ def release_noisy_moments(
     what: str,
     day_sd: np.ndarray,
 ) -> SequenceMoments:
-    """Four Gaussian releases with one noise multiplier (sigma = multiplier x the block's
+    """Five Gaussian releases with one noise multiplier (sigma = multiplier x the block's
     sensitivity, see `moments_sensitivity`), each charged to the ledger:
 
     1. weekly means (and the count), 2. each day's deviation from its weekly mean -> together the
        (day, channel) means, the centre;
     3. outer products of the weekly means about the centre, 4. within-week products and lag-1
-       terms of the day-to-day deviations about it -> the rhythm's second moments.
+       terms of the day-to-day deviations about it, 5. their day x day products pooled over
+       channels -> the rhythm's second moments.
 
     Deviations are measured in `day_sd` units (public, declared per channel in the schema) before
     clipping, so every channel's day-to-day spread comes out with about the same relative error:
@@ -370,6 +437,7 @@ def release_noisy_moments(
     e = _clip_rows((x - centre - m[:, None, :]) / day_sd, tau["within weeks"])
     _, products, lag1 = _rhythm_terms(e)
     within_block = noisy("within weeks", np.concatenate([products.sum(axis=0), lag1.sum(axis=0)[None]]))
+    day_by_day = _symmetric(noisy("day by day", _day_by_day(e).sum(axis=0)))
     scale = np.outer(day_sd, day_sd)
     within = _symmetric(within_block[:channels]) * scale
     # Raw sums from the centred ones: sum of m m^T = sum of (m - c)(m - c)^T + n c c^T (the cross
@@ -383,6 +451,8 @@ def release_noisy_moments(
         week_products=between + n * np.outer(week_centre, week_centre),
         within=within,
         lag1=within_block[channels] * day_sd**2,
+        day_by_day=day_by_day,
+        day_sd=np.asarray(day_sd, dtype=np.float64),
     )
 
 
@@ -549,6 +619,10 @@ class TimeGAN:
         hidden_dim: int = Field(default=24, ge=2, le=512)
         num_layers: int = Field(default=2, ge=1, le=4)
         noise_dim: int = Field(default=8, ge=1, le=256)
+        # Noise entries drawn once per week and repeated every day: a patient-level random effect
+        # (how this person differs from others with the same profile) that the generator need not
+        # build by integrating daily noise. 0: daily noise only (the paper).
+        week_noise_dim: int = Field(default=4, ge=0, le=256)
         learning_rate: float = Field(default=1e-3, gt=0, le=1)
         discriminator_lr: float = Field(default=1e-3, gt=0, le=1)
         generator_steps: int = Field(default=2, ge=1, le=100)
@@ -610,7 +684,12 @@ class TimeGAN:
         # generated weekend shift of sleep was 0.00 where real weeks have +0.05.
         length = self.sequence.length
         self.generator = RecurrentNet(
-            self.config.noise_dim + length, self.cond_dim, h, h, layers, sigmoid=False
+            self.config.noise_dim + self.config.week_noise_dim + length,
+            self.cond_dim,
+            h,
+            h,
+            layers,
+            sigmoid=False,
         )
 
     # ---------------------------------------------------------------- state
@@ -666,11 +745,13 @@ class TimeGAN:
         return pool[rng.integers(0, len(pool), n)]
 
     def _noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """The generator's input: (n, length, noise_dim) Gaussian noise + each day's one-hot."""
+        """The generator's input per day: Gaussian daily noise, the week's noise (the same every
+        day) and the day's one-hot; shape (n, length, noise_dim + week_noise_dim + length)."""
         length = self.sequence.length
         noise = torch.randn((n, length, self.config.noise_dim), generator=generator)
+        week = torch.randn((n, 1, self.config.week_noise_dim), generator=generator).expand(-1, length, -1)
         days = torch.eye(length).expand(n, -1, -1)
-        return torch.cat([noise, days], dim=-1).to(device)
+        return torch.cat([noise, week, days], dim=-1).to(device)
 
     # ---------------------------------------------------------------- training
     def fit(
@@ -956,7 +1037,7 @@ class TimeGAN:
         function of real rows steering the generator, which would void its post-processing
         argument; passing them through the DP embedder/recovery would not help either (the
         outputs are still per-batch functions of real rows). So the target is a Gaussian-mechanism
-        release (four blocks, see `release_noisy_moments`), charged to the same ledger.
+        release (five blocks, see `release_noisy_moments`), charged to the same ledger.
         Better still: the server merges such releases once and passes `moments` to every round.
         """
         z = self.config.moments_noise_multiplier
@@ -998,7 +1079,7 @@ class TimeGAN:
         moments target. The stand-ins cost no privacy, so their batch may be larger than D's.
         """
         if dp is None:
-            batch = SequenceMoments.of(x.detach().cpu().numpy())
+            batch = SequenceMoments.of(x.detach().cpu().numpy(), day_sd=self.sequence.day_sd)
             return c, target if target is not None else self._moment_target(batch, x.device)
         assert target is not None
         stand_ins = self.stand_in_conditions(batch_size, rng, pool)
@@ -1163,7 +1244,8 @@ def _moments_loss(x: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Ten
     belongs to (so narrow channels count as much as wide ones): the weekly level in units of the
     channel's sd; the day-of-week pattern, the covariance of the day-to-day deviations and their
     lag-1 carry-over in units of the within-week sds; the covariance of weekly levels between
-    patients in units of the between sds.
+    patients in units of the between sds; the day x day covariance of the deviations (pooled over
+    channels in day_sd units) relative to its mean diagonal.
 
     Means and one overall sd alone let the generator put all spread into one daily factor shared
     by every channel: right marginals, but weeks a recurrent classifier tells apart at once.
@@ -1176,10 +1258,13 @@ def _moments_loss(x: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Ten
     centred = week - level
     between = centred.T @ centred / max(len(x) - 1, 1)
     within = products.mean(dim=0)
+    days = _day_by_day((y - week[:, None, :]) / target["day_sd"]).mean(dim=0) / y.shape[2]
+    day_target = target["day_by_day"]
     return (
         (level.abs() / sd).mean()
         + (day_pattern.abs() / within_sd).mean()
         + ((between - target["between_cov"]).abs() / torch.outer(between_sd, between_sd)).mean()
         + ((within - target["within_cov"]).abs() / torch.outer(within_sd, within_sd)).mean()
         + ((lag1.mean(dim=0) - target["lag1"]).abs() / within_sd**2).mean()
+        + (days - day_target).abs().mean() / day_target.diagonal().mean()
     )

@@ -169,6 +169,8 @@ class Checkpoint:
         return _numpy_to_arrays(self._load(name), self._order[name])
 
     def statistics(self, name: str) -> dict[str, np.ndarray]:
+        if name not in self._order:
+            raise CheckpointError(f"checkpoint has no '{name}' statistics (written by an older MindFed?)")
         tensors = self._load(name)
         return {key: tensors[key] for key in self._order[name]}
 

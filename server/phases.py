@@ -22,7 +22,8 @@ from configs.schema import CohortSchema
 from configs.settings import RunSettings
 from models.bundle import sample_linked
 from models.encoder import TabularEncoder
-from models.pairs import merge_pair_counts, normal_score_correlations, pair_counts_problem
+from models.numeric_moments import NUMERIC_KEY, numeric_correlations, numeric_products_problem
+from models.pairs import merge_pair_counts, pair_counts_problem
 from models.registry import get_model_class
 from models.statistics import Histograms, merge_histograms
 from models.timegan import SequenceEncoder, SequenceMoments, encode_stand_ins
@@ -65,6 +66,8 @@ class HandshakeResult:
     refusals: list[dict[str, Any]] = field(default_factory=list)
     moments: SequenceMoments | None = None  # merged DP sequence moments, when a sequence model runs
     reference_pairs: Histograms = field(default_factory=dict)  # merged DP pair tables
+    # merged DP sums of a a^T, a = (numeric columns, 1) (`models.numeric_moments`); None: none sent
+    numeric: np.ndarray | None = None
 
 
 def wait_for_nodes(grid: Grid, *, wanted: int, minimum: int, timeout_s: float) -> list[int]:
@@ -100,6 +103,16 @@ def _pairs_problem(reply: Message, schema: CohortSchema) -> str | None:
     return pair_counts_problem(tables, schema)
 
 
+def _numeric_of(reply: Message, schema: CohortSchema) -> np.ndarray | str:
+    """A hospital's DP numeric moments, or why they cannot be used."""
+    record = reply.content.array_records.get("numeric")
+    if record is None or NUMERIC_KEY not in record:
+        return "numeric moments are missing"
+    products = record[NUMERIC_KEY].numpy().astype(np.float64)
+    problem = numeric_products_problem(products, schema)
+    return products if problem is None else problem
+
+
 def _moments_of(reply: Message, schema: CohortSchema) -> SequenceMoments | str:
     """A hospital's DP sequence moments, or why they cannot be used."""
     if "moments" not in reply.content.config_records:
@@ -109,12 +122,8 @@ def _moments_of(reply: Message, schema: CohortSchema) -> SequenceMoments | str:
     except (ValueError, KeyError, TypeError) as err:
         return f"sequence moments are malformed: {err}"
     assert schema.sequence is not None
-    shape = (schema.sequence.length, len(schema.sequence.channels))
-    if moments.sums.shape != shape or moments.squares.shape != shape:
-        return f"sequence moments have shape {moments.sums.shape}, expected {shape}"
-    if not (np.isfinite(moments.sums).all() and np.isfinite(moments.squares).all()):
-        return "sequence moments are not finite"
-    return moments
+    problem = moments.problem(schema.sequence.length, SequenceEncoder.from_schema(schema).day_sd)
+    return moments if problem is None else problem
 
 
 def run_handshake(
@@ -139,16 +148,21 @@ def run_handshake(
     parts: list[Histograms] = []
     pair_parts: list[Histograms] = []
     moments: SequenceMoments | None = None
+    numeric: np.ndarray | None = None
     refusals: list[dict[str, Any]] = []
     for reply in replies:
         node, hospital = reply.metadata.src_node_id, hospital_of(reply)
         part_moments: SequenceMoments | str | None = None
+        part_numeric: np.ndarray | str = ""
         if reply.has_error():
             problem = reply.error.reason
         else:
             problem = _histograms_problem(reply.content.array_records["histograms"], schema)
             if problem is None:
                 problem = _pairs_problem(reply, schema)
+            if problem is None:
+                part_numeric = _numeric_of(reply, schema)
+                problem = part_numeric if isinstance(part_numeric, str) else None
             if problem is None and with_moments:
                 part_moments = _moments_of(reply, schema)
                 problem = part_moments if isinstance(part_moments, str) else None
@@ -168,6 +182,8 @@ def run_handshake(
         pair_parts.append({k: v.numpy() for k, v in reply.content.array_records["pairs"].items()})
         if isinstance(part_moments, SequenceMoments):
             moments = part_moments if moments is None else moments.merged(part_moments)
+        assert isinstance(part_numeric, np.ndarray)
+        numeric = part_numeric if numeric is None else numeric + part_numeric
         accepted.append(node)
     silent = sorted(set(node_ids) - {r.metadata.src_node_id for r in replies})
     for node in silent:
@@ -176,7 +192,13 @@ def run_handshake(
         reasons = "; ".join(f"{r['hospital']}: {r['reason']}" for r in refusals) or "no replies"
         raise HandshakeError(f"no hospital passed the handshake: {reasons}")
     return HandshakeResult(
-        accepted, hospitals, merge_histograms(parts), refusals, moments, merge_pair_counts(pair_parts)
+        accepted,
+        hospitals,
+        merge_histograms(parts),
+        refusals,
+        moments,
+        merge_pair_counts(pair_parts),
+        numeric,
     )
 
 
@@ -402,9 +424,10 @@ def plan_stages(
         SADQCConfig(**settings.sadqc.model_dump(exclude={"contamination"})), stage=table.registry_name
     )
     quality = table_quality(table, handshake, settings)
-    # How the numeric columns go together, from the DP pair tables (post-processing), for the
-    # static generator's pair loss.
-    pair_targets = normal_score_correlations(handshake.reference_pairs, encoder.schema)
+    # How the numeric columns go together, from their DP second moments (post-processing), for
+    # the static generator's pair loss.
+    assert handshake.numeric is not None
+    pair_targets = numeric_correlations(handshake.numeric, encoder.schema)
     stages = [
         Stage(
             table,
@@ -530,7 +553,11 @@ class Checkpointer:
             self.out_dir,
             progress,
             weights=weights,
-            statistics={"reference": self.handshake.reference, "pairs": self.handshake.reference_pairs},
+            statistics={
+                "reference": self.handshake.reference,
+                "pairs": self.handshake.reference_pairs,
+                "numeric": {NUMERIC_KEY: self.handshake.numeric},
+            },
         )
         logger.info("checkpoint: %s round %d of %d written", stage.label, server_round, stage.rounds)
 
@@ -606,6 +633,7 @@ def resumed_handshake(
         refusals=saved.refusals,
         moments=SequenceMoments.from_json(saved.moments_json) if saved.moments_json else None,
         reference_pairs=checkpoint.statistics("pairs"),
+        numeric=checkpoint.statistics("numeric")[NUMERIC_KEY],
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from models.timegan import (
     SequenceEncoder,
     SequenceMoments,
     TimeGAN,
+    _day_by_day,
     _link_loss,
     _moments_loss,
     _outer,
@@ -263,8 +265,11 @@ def test_network_shapes(encoder: TabularEncoder, weeks: np.ndarray, cond: np.nda
     x_tilde = model.recovery(h)
     assert x_tilde.shape == (10, 7, 5) and x_tilde.min() >= 0 and x_tilde.max() <= 1
     noise = model._noise(10, torch.Generator().manual_seed(0), CPU)
-    assert noise.shape == (10, 7, 4 + 7)  # noise + each day's one-hot position
-    torch.testing.assert_close(noise[:, :, 4:], torch.eye(7).expand(10, -1, -1))
+    assert noise.shape == (10, 7, 4 + 4 + 7)  # daily noise + the week's noise + the day's one-hot
+    torch.testing.assert_close(noise[:, :, 8:], torch.eye(7).expand(10, -1, -1))
+    week = noise[:, :, 4:8]
+    torch.testing.assert_close(week, week[:, :1].expand(-1, 7, -1))  # one draw per week
+    assert not torch.allclose(noise[:, 0, :4], noise[:, 1, :4])  # a fresh draw per day
     e_hat = model.generator(noise, c)
     assert e_hat.shape == (10, 7, 8)
     assert model.supervisor(e_hat).shape == (10, 7, 8)
@@ -335,7 +340,7 @@ def test_dp_accounting_across_the_three_phases(
     for phase in PHASES:
         report = _fit(model, weeks, cond, phase, dp=dp)
         assert report.steps == steps_per_epoch(N, BATCH)
-        if phase == "joint":  # the four-block noisy-moments release, then the discriminator's steps
+        if phase == "joint":  # the noisy-moments release (one per block), then the discriminator's steps
             expected.extend([(z, 1.0, 1)] * len(MOMENT_BLOCKS))
         expected.append((SIGMA, rate, report.steps))
         assert ledger.spent() > spent
@@ -348,7 +353,7 @@ def test_dp_accounting_across_the_three_phases(
         *[("gaussian", 1)] * len(MOMENT_BLOCKS),
         ("dp-sgd", 4),
     ]
-    assert [e.what for e in ledger.entries][-5:] == [
+    assert [e.what for e in ledger.entries][-len(MOMENT_BLOCKS) - 1 :] == [
         *[f"timegan round 1 (joint phase) moments ({block})" for block in MOMENT_BLOCKS],
         "timegan round 1 (joint phase)",
     ]
@@ -481,8 +486,8 @@ def _worst_cases(shape: tuple[int, ...], rng: np.random.Generator) -> list[np.nd
 
 
 def test_second_moment_blocks_stay_within_their_sensitivity() -> None:
-    """Every record at its clip norm: the between block's m m^T and the within block's
-    products and lag-1 terms never exceed `moments_sensitivity`."""
+    """Every record at its clip norm: the between block's m m^T, the within block's products and
+    lag-1 terms and the day-by-day block never exceed `moments_sensitivity`."""
     length, channels = 7, 5
     sensitivity = moments_sensitivity(length, channels)
     tau_b = np.sqrt(sensitivity["between weeks"])
@@ -497,6 +502,9 @@ def test_second_moment_blocks_stay_within_their_sensitivity() -> None:
         # the release takes deviations about the weekly mean; the bound holds for any e
         norm = np.linalg.norm(np.concatenate([products.ravel(), lag1.ravel()]))
         assert norm <= sensitivity["within weeks"] + 1e-12
+        assert (
+            np.linalg.norm(_day_by_day(e.reshape(1, length, channels))) <= sensitivity["day by day"] + 1e-12
+        )
 
 
 def _correlated_weeks(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -519,11 +527,19 @@ def test_release_recovers_the_rhythm_of_many_weeks() -> None:
     released = release_noisy_moments(
         weeks, ledger=ledger, noise_multiplier=2.0, rng=rng, what="m", day_sd=day_sd
     )
-    exact, noisy = SequenceMoments.of(weeks).rhythm(), released.rhythm()
+    exact, noisy = SequenceMoments.of(weeks, day_sd=day_sd).rhythm(), released.rhythm()
     np.testing.assert_allclose(noisy["mean"], exact["mean"], atol=0.005)
     for key in ("sd", "between_sd", "within_sd"):
         np.testing.assert_allclose(noisy[key], exact[key], rtol=0.1, err_msg=key)
     np.testing.assert_allclose(exact["within_cov"], within * 6 / 7, rtol=0.05, atol=2e-5)
+    # Independent days of unit variance in day_sd units: deviations from the week's mean have
+    # variance 6/7 and covary -1/7 across days. Clipping at about that spread shrinks the
+    # release a little (-6%), evenly, so its shape stays.
+    independent_days = np.eye(7) - 1 / 7
+    np.testing.assert_allclose(exact["day_by_day"], independent_days, atol=0.02)
+    np.testing.assert_allclose(np.diag(noisy["day_by_day"]), 6 / 7, rtol=0.1)
+    shape = noisy["day_by_day"] / np.diag(noisy["day_by_day"]).mean()
+    np.testing.assert_allclose(shape, independent_days * 7 / 6, atol=0.02)
     # The between block is on the [0, 1] scale: the narrow channel 1 carries more relative noise
     # there, so its row is left out of that check.
     for key, keep in (("between_cov", [0, 2, 3, 4]), ("within_cov", list(range(5)))):
@@ -567,6 +583,34 @@ def test_moments_loss_sees_a_shared_daily_factor() -> None:
     assert _moments_gap(shared.astype(np.float32), target) > 1.0
 
 
+def test_moments_loss_sees_a_start_up_transient() -> None:
+    """Same weekly levels, channel covariances and pooled spread, but day 1 twice as wide as the
+    other days and carrying into day 2: only the day-by-day term can tell."""
+    rng = np.random.default_rng(4)
+    steady = 0.5 + 0.05 * rng.standard_normal((4000, 7, 5))
+    days = rng.standard_normal((4000, 7, 5))
+    days[:, 0] *= 2.0
+    days[:, 1] = (days[:, 1] + 0.5 * days[:, 0]) / np.sqrt(2.0)
+    days *= 1 / days.std(axis=(0, 1), keepdims=True)
+    transient = 0.5 + 0.05 * days
+    target = SequenceMoments.of(steady)
+    steady_gap = _moments_gap(steady.astype(np.float32), target)
+    assert _moments_gap(transient.astype(np.float32), target) > steady_gap + 0.1
+
+
+def test_moment_problems_are_named(weeks: np.ndarray) -> None:
+    moments = SequenceMoments.of(weeks, day_sd=DAY_SD)
+    assert moments.problem(7, DAY_SD) is None
+    assert moments.problem(8, DAY_SD) == "sequence moments' sums has shape (7, 5), expected (8, 5)"
+    wrong_days = dataclasses.replace(moments, day_by_day=np.zeros((8, 8)))
+    assert "day_by_day has shape (8, 8), expected (7, 7)" in str(wrong_days.problem(7, DAY_SD))
+    broken = dataclasses.replace(moments, lag1=np.full(5, np.nan))
+    assert broken.problem(7, DAY_SD) == "sequence moments' lag1 is not finite"
+    assert "day_sd units" in str(moments.problem(7, 2 * DAY_SD))
+    with pytest.raises(ValueError, match="different day_sd units"):
+        moments.merged(SequenceMoments.of(weeks))
+
+
 def test_link_loss_sees_a_profile_entry_the_prior_does_not_explain() -> None:
     """Weeks = prior + independent spread: near zero. Weeks that also follow one more profile
     entry (of 6) than the prior does: that entry's missed shift shows."""
@@ -594,7 +638,7 @@ def test_moments_merge_by_adding(weeks: np.ndarray) -> None:
 
 
 def test_moments_from_an_older_format_are_refused_by_name() -> None:
-    with pytest.raises(ValueError, match=r"lack \['week_products'\]"):
+    with pytest.raises(ValueError, match=r"lack \['week_products', 'day_by_day', 'day_sd'\]"):
         SequenceMoments.from_json(
             '{"sums": [], "squares": [], "count": 1, "within": [], "lag1": [], "week_squares": []}'
         )

@@ -1,10 +1,16 @@
-"""Stage guards of the server's run phases."""
+"""Stage guards and answer checks of the server's run phases."""
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
-from server.phases import StageError, check_stage_trained
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from configs.schema import load_schema
+from models.timegan import SequenceEncoder, SequenceMoments
+from server.phases import StageError, _moments_of, check_stage_trained
 from strategies.fedavg import RoundLog
 
 
@@ -19,3 +25,32 @@ def test_a_stage_without_any_aggregated_round_stops_the_run() -> None:
         check_stage_trained("timegan joint", refused)
     check_stage_trained("timegan joint", [*refused, RoundLog(3, aggregated=True)])  # one is enough
     check_stage_trained("timegan joint", [])  # a resumed stage with no rounds left
+
+
+def _moments_reply(moments: SequenceMoments) -> Message:
+    content = RecordDict({"moments": ConfigRecord({"json": moments.to_json()})})
+    return Message(content, dst_node_id=1, message_type="query")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({}, None),
+        ({"day_sd": np.ones(5)}, "day_sd units"),
+        ({"day_by_day": np.zeros((6, 6))}, "day_by_day has shape (6, 6), expected (7, 7)"),
+        ({"within": np.full((5, 5), np.inf)}, "within is not finite"),
+    ],
+)
+@pytest.mark.usefixtures("server_task_identity")
+def test_handshake_moments_in_other_units_or_shapes_are_refused_by_name(
+    change: dict[str, np.ndarray], reason: str | None
+) -> None:
+    schema = load_schema()
+    day_sd = SequenceEncoder.from_schema(schema).day_sd
+    weeks = np.random.default_rng(0).uniform(0.3, 0.7, (20, 7, 5))
+    moments = dataclasses.replace(SequenceMoments.of(weeks, day_sd=day_sd), **change)
+    answer = _moments_of(_moments_reply(moments), schema)
+    if reason is None:
+        assert isinstance(answer, SequenceMoments)
+    else:
+        assert isinstance(answer, str) and reason in answer

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.fedavg import NODE_INFO_KEY, QuorumError, ValidatedFedAvg, sum_metricrecords
 from strategies.validation import check_update
@@ -56,24 +55,8 @@ class StaticGrid(Grid):
 
 
 @pytest.fixture(autouse=True)
-def server_task_identity() -> Iterator[None]:
-    """Flower stamps instruction Messages with the process's TaskIdentity (set by the runtime).
-
-    A bare test process has none; act as the ServerApp task on the SuperLink node, and put
-    back whatever was there before.
-    """
-    previous = {}
-    for attr in ("run_id", "node_id", "task_id"):
-        try:
-            previous[attr] = getattr(TaskIdentity, attr)
-        except RuntimeError:
-            previous[attr] = None
-    TaskIdentity.run_id = 7
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    TaskIdentity.task_id = 1
-    yield
-    for attr, value in previous.items():
-        setattr(TaskIdentity, attr, value)
+def _as_server_task(server_task_identity: None) -> None:
+    """Every test here builds instruction Messages (see conftest's `server_task_identity`)."""
 
 
 # --- helpers --------------------------------------------------------------------------------
