@@ -123,7 +123,13 @@ def main() -> None:
         for what in ("handshake histograms", "handshake pair tables"):
             ledger.charge_gaussian(what, noise_multiplier=z)
         released = release_noisy_moments(
-            w, ledger=ledger, noise_multiplier=z, rng=rng, what="handshake", day_sd=seq.day_sd
+            w,
+            ledger=ledger,
+            noise_multiplier=z,
+            rng=rng,
+            what="handshake",
+            day_sd=seq.day_sd,
+            week_sd=seq.week_sd,
         )
         moments = released if moments is None else moments.merged(released)
         _charge_to(ledger, static_total, "static generator (stand-in)")

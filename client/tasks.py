@@ -74,13 +74,15 @@ def handshake_statistics(
     )
     moments = None
     if with_moments:
+        sequence = SequenceEncoder.from_schema(schema)
         moments = release_noisy_moments(
             weeks_of(cohort, schema),
             ledger=ledger,
             noise_multiplier=z,
             rng=rng,
             what="handshake sequence moments",
-            day_sd=SequenceEncoder.from_schema(schema).day_sd,
+            day_sd=sequence.day_sd,
+            week_sd=sequence.week_sd,
         )
     return HandshakeStatistics(histograms, pairs, numeric, moments)
 

@@ -33,8 +33,10 @@ PHASES = ("embedding", "supervised", "joint")
 # Public stand-in conditions keep numeric (probit) entries where the encoder can put them:
 # it clips quantiles to (1e-6, 1 - 1e-6) before the probit.
 _Z_LIMIT = float(ndtri(1 - 1e-6))
-# Day-to-day sd on the [0, 1] scale assumed for a channel whose schema declares no `day_sd`.
+# Day-to-day sd and between-people sd of the weekly mean on the [0, 1] scale assumed for a
+# channel whose schema declares no `day_sd` / `week_sd`.
 DEFAULT_DAY_SD = 0.05
+DEFAULT_WEEK_SD = 0.1
 
 
 # ==================================================================== sequence encoding
@@ -57,12 +59,15 @@ class SequenceEncoder:
         # Channels declared `scale = "log"` are scaled as log1p(value - min) / log1p(max - min).
         self._log = np.array([c.scale == "log" for c in spec.channels])
         self._log_span = np.log1p(self._span)
-        # The declared day-to-day sd on the [0, 1] scale (a log channel's fraction r moves
-        # log1p(value - min) by about r); DEFAULT_DAY_SD where the schema declares none.
-        declared = [c.day_sd for c in spec.channels]
-        self.day_sd = np.array(
+        # The declared day-to-day and between-people sds on the [0, 1] scale (a log channel's
+        # fraction r moves log1p(value - min) by about r); the defaults where none is declared.
+        self.day_sd = self._unit_scale([c.day_sd for c in spec.channels], DEFAULT_DAY_SD)
+        self.week_sd = self._unit_scale([c.week_sd for c in spec.channels], DEFAULT_WEEK_SD)
+
+    def _unit_scale(self, declared: list[float | None], default: float) -> np.ndarray:
+        return np.array(
             [
-                DEFAULT_DAY_SD if d is None else d / (ls if log else span)
+                default if d is None else d / (ls if log else span)
                 for d, log, ls, span in zip(declared, self._log, self._log_span, self._span, strict=True)
             ]
         )
@@ -142,10 +147,10 @@ class SequenceEncoder:
 # it (the second-moment blocks: with its square), so the bounds sit near the tails. Measured on
 # the demo cohort (quantiles 50 / 95 / 99%): |weekly means - 1/2| in shares of sqrt(channels) / 2:
 # 0.43 / 0.57 / 0.63; day deviations, RMS per cell in declared day_sd units: 0.74 / 0.94 / 1.02;
-# weekly means - centre, RMS per channel on the [0, 1] scale: 0.06 / 0.13 / 0.16.
+# weekly means - centre, RMS per channel in declared week_sd units: 0.79 / 1.45 / 1.80.
 MEAN_CLIP_SHARE = 0.65  # of sqrt(channels) / 2, the largest norm of weekly means - 1/2
 DEVIATION_CLIP = 1.0  # RMS per (day, channel) cell, in day_sd units
-BETWEEN_CLIP = 0.15  # RMS per channel, [0, 1] scale
+BETWEEN_CLIP = 1.5  # RMS per channel, in week_sd units
 # The Gaussian releases of `release_noisy_moments`, each a block with its own sensitivity.
 MOMENT_BLOCKS = ("weekly means", "day deviations", "between weeks", "within weeks", "day by day")
 
@@ -353,7 +358,9 @@ def moments_sensitivity(length: int, n_channels: int) -> dict[str, float]:
     weekly means (sums of weekly means - 1/2 clipped to norm tau_m, and the count, to which a week
     adds tau_m): sqrt(2) tau_m. day deviations (each day's deviation from its weekly mean, in
     day_sd units, clipped to norm tau_d): tau_d. between weeks (m m^T for the weekly means about the
-    centre, clipped to norm tau_b): its Frobenius norm is |m|^2, at most tau_b^2. within weeks
+    centre in week_sd units, clipped to norm tau_b, and m itself): its Frobenius norm is |m|^2, so
+    the block's norm is at most sqrt(tau_b^4 + tau_b^2).
+    within weeks
     (sum_t e_t e_t^T / length and the lag-1 terms, e the deviations in day_sd units clipped to norm
     tau_w): a sum of positive semi-definite matrices has Frobenius norm at most its trace,
     |e|^2 / length; each |lag-1 term| is at most its channel's share of that trace (|ab| <=
@@ -366,7 +373,7 @@ def moments_sensitivity(length: int, n_channels: int) -> dict[str, float]:
     return {
         "weekly means": math.sqrt(2) * tau["weekly means"],
         "day deviations": tau["day deviations"],
-        "between weeks": tau["between weeks"] ** 2,
+        "between weeks": math.sqrt(tau["between weeks"] ** 4 + tau["between weeks"] ** 2),
         "within weeks": math.sqrt(2) * tau["within weeks"] ** 2 / length,
         "day by day": tau["day by day"] ** 2,
     }
@@ -392,20 +399,22 @@ def release_noisy_moments(
     rng: np.random.Generator,
     what: str,
     day_sd: np.ndarray,
+    week_sd: np.ndarray,
 ) -> SequenceMoments:
     """Five Gaussian releases with one noise multiplier (sigma = multiplier x the block's
     sensitivity, see `moments_sensitivity`), each charged to the ledger:
 
     1. weekly means (and the count), 2. each day's deviation from its weekly mean -> together the
        (day, channel) means, the centre;
-    3. outer products of the weekly means about the centre, 4. within-week products and lag-1
+    3. outer products of the weekly means about the centre (and their sum), 4. within-week products and lag-1
        terms of the day-to-day deviations about it, 5. their day x day products pooled over
        channels -> the rhythm's second moments.
 
     Deviations are measured in `day_sd` units (public, declared per channel in the schema) before
     clipping, so every channel's day-to-day spread comes out with about the same relative error:
     with one bound on the [0, 1] scale the noise, sized for sleep's spread, swamped resting heart
-    rate's (DP within sd 0.025 and HRV 0.010, for real 0.016 and 0.021). Centring blocks 3-4 on the
+    rate's (DP within sd 0.025 and HRV 0.010, for real 0.016 and 0.021). Weekly means are measured
+    in `week_sd` units (declared too) for the same reason. Centring blocks 3-5 on the
     hospital's own noisy means (post-processing of blocks 1-2) is what lets their bounds sit near
     the real spread instead of the whole declared range. Everything is converted back to raw sums,
     so hospitals merge by adding and the noise of the centre cancels from the spread estimates.
@@ -433,7 +442,12 @@ def release_noisy_moments(
     centre = np.clip(sums / n, 0.0, 1.0)
 
     m = (x - centre).mean(axis=1)
-    between = _symmetric(noisy("between weeks", _outer(_clip_rows(m, tau["between weeks"])).sum(axis=0)))
+    m_units = _clip_rows(m / week_sd, tau["between weeks"])
+    block = noisy("between weeks", np.concatenate([_outer(m_units).sum(axis=0), m_units.sum(axis=0)[None]]))
+    # About the weeks' own mean, not the noisy centre: the centre's noise (0.01 on the [0, 1]
+    # scale at 1,000 weeks) would otherwise add its square to every variance.
+    first = block[channels]
+    between = (_symmetric(block[:channels]) - np.outer(first, first) / n) * np.outer(week_sd, week_sd)
     e = _clip_rows((x - centre - m[:, None, :]) / day_sd, tau["within weeks"])
     _, products, lag1 = _rhythm_terms(e)
     within_block = noisy("within weeks", np.concatenate([products.sum(axis=0), lag1.sum(axis=0)[None]]))
@@ -1057,6 +1071,7 @@ class TimeGAN:
             rng=rng,
             what=f"{what} moments",
             day_sd=self.sequence.day_sd,
+            week_sd=self.sequence.week_sd,
         )
         logger.info("released noisy sequence moments (noise multiplier %.2f) for %s", z, what)
         return released
