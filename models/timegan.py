@@ -152,7 +152,14 @@ MEAN_CLIP_SHARE = 0.65  # of sqrt(channels) / 2, the largest norm of weekly mean
 DEVIATION_CLIP = 1.0  # RMS per (day, channel) cell, in day_sd units
 BETWEEN_CLIP = 1.5  # RMS per channel, in week_sd units
 # The Gaussian releases of `release_noisy_moments`, each a block with its own sensitivity.
-MOMENT_BLOCKS = ("weekly means", "day deviations", "between weeks", "within weeks", "day by day")
+MOMENT_BLOCKS = (
+    "weekly means",
+    "day deviations",
+    "between weeks",
+    "within weeks",
+    "day by day",
+    "level by day",
+)
 
 
 def _rhythm_terms(y: Any) -> tuple[Any, Any, Any]:
@@ -206,6 +213,10 @@ class SequenceMoments:
         (-> carry-over from one day to the next);
     day_by_day: (length, length) sum of `_day_by_day` of those deviations in day_sd units
         (-> each day's spread and its carry-over to every other day, pooled over channels);
+    level_by_day: (length, channels) sum of each week's level (weekly mean about the centre) times
+        its deviation on each day, per channel (-> whether the week's shape goes with its level:
+        a generator let the weekend dip of resting heart rate grow with the level, r 0.87 where
+        real weeks have 0.00);
     day_sd: the per-channel unit of day_by_day (public: the schema's `day_sd`, or ones).
     """
 
@@ -216,6 +227,7 @@ class SequenceMoments:
     within: np.ndarray
     lag1: np.ndarray
     day_by_day: np.ndarray
+    level_by_day: np.ndarray
     day_sd: np.ndarray
 
     _FIELDS: ClassVar[tuple[str, ...]] = (
@@ -225,6 +237,7 @@ class SequenceMoments:
         "within",
         "lag1",
         "day_by_day",
+        "level_by_day",
         "day_sd",
     )
 
@@ -235,7 +248,8 @@ class SequenceMoments:
         unit = np.ones(x.shape[2]) if day_sd is None else np.asarray(day_sd, dtype=np.float64)
         y = x - x.mean(axis=0)
         _, within, lag1 = _rhythm_terms(y)
-        e = (y - y.mean(axis=1, keepdims=True)) / unit
+        level = y.mean(axis=1, keepdims=True)
+        e = (y - level) / unit
         return cls(
             sums=x.sum(axis=0),
             squares=(x**2).sum(axis=0),
@@ -244,6 +258,7 @@ class SequenceMoments:
             within=within.sum(axis=0),
             lag1=lag1.sum(axis=0),
             day_by_day=_day_by_day(e).sum(axis=0),
+            level_by_day=(level * (y - level)).sum(axis=0),
             day_sd=unit,
         )
 
@@ -271,6 +286,7 @@ class SequenceMoments:
             "within": (channels, channels),
             "lag1": (channels,),
             "day_by_day": (length, length),
+            "level_by_day": (length, channels),
             "day_sd": (channels,),
         }
         for name, shape in shapes.items():
@@ -306,7 +322,8 @@ class SequenceMoments:
         within_cov (channels, channels): covariances of weekly means and of day-to-day deviations,
         made positive semi-definite (noise can leave negative eigenvalues); day_by_day (length,
         length): the covariance of the deviations across days per channel, in day_sd units,
-        averaged over channels (also made positive semi-definite); day_sd: its unit.
+        averaged over channels (also made positive semi-definite); day_sd: its unit;
+        level_by_day (length, channels): the covariance of a week's level with each day's deviation.
         """
         count = max(self.count, 1.0)
         mean, _ = self.mean_std()
@@ -328,6 +345,7 @@ class SequenceMoments:
             "within_cov": within,
             "lag1": lag1,
             "day_by_day": _nearest_covariance(self.day_by_day / count / len(self.day_sd), ceiling=np.inf),
+            "level_by_day": self.level_by_day / count,
             "day_sd": self.day_sd,
         }
         return {key: value.astype(np.float32) for key, value in out.items()}
@@ -349,6 +367,7 @@ def _clip_norms(length: int, n_channels: int) -> dict[str, float]:
         "between weeks": BETWEEN_CLIP * math.sqrt(n_channels),
         "within weeks": deviation,
         "day by day": deviation,
+        "level by day": BETWEEN_CLIP * math.sqrt(n_channels) * deviation,
     }
 
 
@@ -367,7 +386,8 @@ def moments_sensitivity(length: int, n_channels: int) -> dict[str, float]:
     (a^2 + b^2) / 2 over the pairs), so the lag-1 block's norm is at most |e|^2 / length too, and
     sqrt(2) tau_w^2 / length bounds the block. day by day (sum_c e_c e_c^T for the same clipped
     deviations, e_c the channel's days): positive semi-definite again, so its Frobenius norm is at
-    most its trace |e|^2 <= tau_w^2.
+    most its trace |e|^2 <= tau_w^2. level by day (m_c e_tc for the clipped m and e): its Frobenius
+    norm is sqrt(sum_c m_c^2 |e_c|^2) <= |m| |e| <= tau_b tau_w.
     """
     tau = _clip_norms(length, n_channels)
     return {
@@ -376,6 +396,7 @@ def moments_sensitivity(length: int, n_channels: int) -> dict[str, float]:
         "between weeks": math.sqrt(tau["between weeks"] ** 4 + tau["between weeks"] ** 2),
         "within weeks": math.sqrt(2) * tau["within weeks"] ** 2 / length,
         "day by day": tau["day by day"] ** 2,
+        "level by day": tau["level by day"],
     }
 
 
@@ -401,14 +422,14 @@ def release_noisy_moments(
     day_sd: np.ndarray,
     week_sd: np.ndarray,
 ) -> SequenceMoments:
-    """Five Gaussian releases with one noise multiplier (sigma = multiplier x the block's
+    """Six Gaussian releases with one noise multiplier (sigma = multiplier x the block's
     sensitivity, see `moments_sensitivity`), each charged to the ledger:
 
     1. weekly means (and the count), 2. each day's deviation from its weekly mean -> together the
        (day, channel) means, the centre;
     3. outer products of the weekly means about the centre (and their sum), 4. within-week products and lag-1
        terms of the day-to-day deviations about it, 5. their day x day products pooled over
-       channels -> the rhythm's second moments.
+       channels, 6. the level times each day's deviation -> the rhythm's second moments.
 
     Deviations are measured in `day_sd` units (public, declared per channel in the schema) before
     clipping, so every channel's day-to-day spread comes out with about the same relative error:
@@ -452,6 +473,7 @@ def release_noisy_moments(
     _, products, lag1 = _rhythm_terms(e)
     within_block = noisy("within weeks", np.concatenate([products.sum(axis=0), lag1.sum(axis=0)[None]]))
     day_by_day = _symmetric(noisy("day by day", _day_by_day(e).sum(axis=0)))
+    level_by_day = noisy("level by day", (m_units[:, None, :] * e).sum(axis=0)) * week_sd * day_sd
     scale = np.outer(day_sd, day_sd)
     within = _symmetric(within_block[:channels]) * scale
     # Raw sums from the centred ones: sum of m m^T = sum of (m - c)(m - c)^T + n c c^T (the cross
@@ -466,6 +488,7 @@ def release_noisy_moments(
         within=within,
         lag1=within_block[channels] * day_sd**2,
         day_by_day=day_by_day,
+        level_by_day=level_by_day,
         day_sd=np.asarray(day_sd, dtype=np.float64),
     )
 
@@ -719,17 +742,21 @@ class TimeGAN:
         return {k: v for k, v in self.state_dict().items() if k.partition(".")[0] in self._SAMPLER}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+        """All five networks (`strict`), or any of them whole."""
         parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self._MODULES}
         for key, value in state.items():
             prefix, _, rest = key.partition(".")
             if prefix not in parts:
                 raise KeyError(f"unexpected state key '{key}'")
             parts[prefix][rest] = value
+        missing = [name for name, part in parts.items() if not part]
+        if strict and missing:
+            raise KeyError(f"state has no weights for the {missing[0]}")
         for name, part in parts.items():
-            if part:
-                getattr(self, name).load_state_dict(part, strict=True)
-            elif strict:
-                raise KeyError(f"state has no weights for the {name}")
+            module = getattr(self, name)
+            if not part:
+                continue
+            module.load_state_dict(part, strict=True)
 
     # ---------------------------------------------------------------- conditions
     def public_conditions(self, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -1051,7 +1078,7 @@ class TimeGAN:
         function of real rows steering the generator, which would void its post-processing
         argument; passing them through the DP embedder/recovery would not help either (the
         outputs are still per-batch functions of real rows). So the target is a Gaussian-mechanism
-        release (five blocks, see `release_noisy_moments`), charged to the same ledger.
+        release (six blocks, see `release_noisy_moments`), charged to the same ledger.
         Better still: the server merges such releases once and passes `moments` to every round.
         """
         z = self.config.moments_noise_multiplier
@@ -1260,7 +1287,8 @@ def _moments_loss(x: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Ten
     channel's sd; the day-of-week pattern, the covariance of the day-to-day deviations and their
     lag-1 carry-over in units of the within-week sds; the covariance of weekly levels between
     patients in units of the between sds; the day x day covariance of the deviations (pooled over
-    channels in day_sd units) relative to its mean diagonal.
+    channels in day_sd units) relative to its mean diagonal; the covariance of the level with each
+    day's deviation in units of between sd x within sd.
 
     Means and one overall sd alone let the generator put all spread into one daily factor shared
     by every channel: right marginals, but weeks a recurrent classifier tells apart at once.
@@ -1273,8 +1301,10 @@ def _moments_loss(x: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Ten
     centred = week - level
     between = centred.T @ centred / max(len(x) - 1, 1)
     within = products.mean(dim=0)
-    days = _day_by_day((y - week[:, None, :]) / target["day_sd"]).mean(dim=0) / y.shape[2]
+    deviations = y - week[:, None, :]
+    days = _day_by_day(deviations / target["day_sd"]).mean(dim=0) / y.shape[2]
     day_target = target["day_by_day"]
+    level_by_day = (centred[:, None, :] * deviations).mean(dim=0)
     return (
         (level.abs() / sd).mean()
         + (day_pattern.abs() / within_sd).mean()
@@ -1282,4 +1312,5 @@ def _moments_loss(x: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Ten
         + ((within - target["within_cov"]).abs() / torch.outer(within_sd, within_sd)).mean()
         + ((lag1.mean(dim=0) - target["lag1"]).abs() / within_sd**2).mean()
         + (days - day_target).abs().mean() / day_target.diagonal().mean()
+        + ((level_by_day - target["level_by_day"]).abs() / (between_sd * within_sd)).mean()
     )

@@ -511,9 +511,11 @@ def test_second_moment_blocks_stay_within_their_sensitivity() -> None:
         # the release takes deviations about the weekly mean; the bound holds for any e
         norm = np.linalg.norm(np.concatenate([products.ravel(), lag1.ravel()]))
         assert norm <= sensitivity["within weeks"] + 1e-12
-        assert (
-            np.linalg.norm(_day_by_day(e.reshape(1, length, channels))) <= sensitivity["day by day"] + 1e-12
-        )
+        e = e.reshape(1, length, channels)
+        assert np.linalg.norm(_day_by_day(e)) <= sensitivity["day by day"] + 1e-12
+        for m in _worst_cases((channels,), rng)[:20]:
+            m = m.reshape(1, 1, channels) * tau_b / np.linalg.norm(m)
+            assert np.linalg.norm(m * e) <= sensitivity["level by day"] + 1e-9
 
 
 def _correlated_weeks(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -549,6 +551,10 @@ def test_release_recovers_the_rhythm_of_many_weeks() -> None:
     np.testing.assert_allclose(np.diag(noisy["day_by_day"]), 6 / 7, rtol=0.1)
     shape = noisy["day_by_day"] / np.diag(noisy["day_by_day"]).mean()
     np.testing.assert_allclose(shape, independent_days * 7 / 6, atol=0.02)
+    # Levels and days drawn independently: no covariance between a level and any day's deviation.
+    unit = np.sqrt(np.diag(exact["between_cov"]) * np.diag(exact["within_cov"]))
+    assert np.abs(exact["level_by_day"] / unit).max() < 0.03
+    assert np.abs(noisy["level_by_day"] / unit).max() < 0.1
     # In each channel's own units the narrow channel 1 is as accurate as the rest.
     for key in ("between_cov", "within_cov"):
         sd = np.sqrt(np.diag(exact[key]))
@@ -611,6 +617,21 @@ def test_moments_loss_sees_a_start_up_transient() -> None:
     assert _moments_gap(transient.astype(np.float32), target) > steady_gap + 0.1
 
 
+def test_moments_loss_sees_a_weekend_dip_that_grows_with_the_level() -> None:
+    """Same levels, spreads and day pattern on average, but the higher a week's level the deeper
+    its weekend dip: only the level-by-day term can tell."""
+    rng = np.random.default_rng(5)
+    level = 0.05 * rng.standard_normal((4000, 1, 5))
+    days = 0.03 * rng.standard_normal((4000, 7, 5))
+    weekend = np.array([2, 2, 2, 2, 2, -5, -5])[None, :, None] / 7
+    steady = 0.5 + level + days + 0.02 * weekend
+    growing = 0.5 + level + days + 0.02 * weekend * (1 + level / 0.05)
+    target = SequenceMoments.of(steady)
+    steady_gap = _moments_gap(steady.astype(np.float32), target)
+    # measured 0.455, 0.289 of it from the level-by-day term (the rest: the wider weekend days)
+    assert _moments_gap(growing.astype(np.float32), target) > steady_gap + 0.3
+
+
 def test_moment_problems_are_named(weeks: np.ndarray) -> None:
     moments = SequenceMoments.of(weeks, day_sd=DAY_SD)
     assert moments.problem(7, DAY_SD) is None
@@ -651,7 +672,7 @@ def test_moments_merge_by_adding(weeks: np.ndarray) -> None:
 
 
 def test_moments_from_an_older_format_are_refused_by_name() -> None:
-    with pytest.raises(ValueError, match=r"lack \['week_products', 'day_by_day', 'day_sd'\]"):
+    with pytest.raises(ValueError, match=r"lack \['week_products', 'day_by_day', 'level_by_day', 'day_sd'\]"):
         SequenceMoments.from_json(
             '{"sums": [], "squares": [], "count": 1, "within": [], "lag1": [], "week_squares": []}'
         )
