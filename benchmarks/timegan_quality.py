@@ -3,7 +3,7 @@
 3 hospitals (non-iid Dirichlet split of the 4000-patient demo cohort, 80% of each trains as in
 the audit's member split), phases run as FedAvg rounds with the round counts, batch size and
 TimeGAN config of configs/demo.toml, every hospital with its own ledger: the handshake's releases
-(histograms, pair tables, the sequence moments' four blocks) at the demo's statistics share, a
+(histograms, pair tables, numeric moments, the sequence moments' blocks) at the demo's statistics share, a
 stand-in charge for the static generator's share, then TimeGAN's noise planned to reach max epsilon.
 
     python benchmarks/timegan_quality.py [--patients 4000] [--eval 2000] [key=value config overrides]
@@ -108,7 +108,7 @@ def main() -> None:
     sizes = [len(w) for w in weeks]
     total_rounds = sum(r for _, r in ROUNDS)
 
-    # Handshake (histograms, pair tables, the moments' blocks: even releases as in
+    # Handshake (histograms, pair tables, numeric moments, the moments' blocks: even releases as in
     # client.tasks.handshake_statistics), the static generator's share, TimeGAN's plan.
     ledgers, sigmas, moments = [], [], None
     rng = np.random.default_rng(args.seed)
@@ -118,9 +118,9 @@ def main() -> None:
     static_total = statistics + (1 - privacy.sequence_epsilon_share) * (MAX_EPSILON - statistics)
     for n, w in zip(sizes, weeks, strict=True):
         ledger = PrivacyLedger(max_epsilon=MAX_EPSILON, delta=DELTA)
-        releases = 2 + len(MOMENT_BLOCKS)
+        releases = 3 + len(MOMENT_BLOCKS)
         z = gaussian_noise_multiplier(epsilon=statistics, delta=DELTA) * math.sqrt(releases)
-        for what in ("handshake histograms", "handshake pair tables"):
+        for what in ("handshake histograms", "handshake pair tables", "handshake numeric moments"):
             ledger.charge_gaussian(what, noise_multiplier=z)
         released = release_noisy_moments(
             w,
