@@ -6,11 +6,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from configs.schema import load_schema
+from models.numeric_moments import NUMERIC_KEY
 from models.timegan import SequenceEncoder, SequenceMoments
-from server.phases import StageError, _moments_of, check_stage_trained
+from server.phases import StageError, _moments_of, _numeric_of, check_stage_trained
 from strategies.fedavg import RoundLog
 
 
@@ -54,3 +55,27 @@ def test_handshake_moments_in_other_units_or_shapes_are_refused_by_name(
         assert isinstance(answer, SequenceMoments)
     else:
         assert isinstance(answer, str) and reason in answer
+
+
+@pytest.mark.usefixtures("server_task_identity")
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (None, "numeric moments are missing"),
+        ({NUMERIC_KEY: np.eye(6)}, None),
+        ({NUMERIC_KEY: np.eye(4)}, "numeric moments have shape (4, 4), expected (6, 6)"),
+        ({NUMERIC_KEY: np.full((6, 6), np.nan)}, "numeric moments are not finite"),
+        ({"sums": np.eye(6)}, "numeric moments are missing"),
+    ],
+)
+def test_handshake_numeric_moments_are_checked_before_merging(
+    record: dict[str, np.ndarray] | None, reason: str | None
+) -> None:
+    content = RecordDict({})
+    if record is not None:
+        content["numeric"] = ArrayRecord({k: Array(v) for k, v in record.items()})
+    answer = _numeric_of(Message(content, dst_node_id=1, message_type="query"), load_schema())
+    if reason is None:
+        assert isinstance(answer, np.ndarray) and answer.shape == (6, 6)
+    else:
+        assert answer == reason
