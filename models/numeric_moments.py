@@ -23,6 +23,7 @@ NUMERIC_KEY = "products"
 
 
 def numeric_specs(schema: CohortSchema) -> list[ColumnSpec]:
+    """The schema's numeric (integer or continuous) columns, in schema order."""
     return [spec for spec in schema.columns if not spec.is_categorical]
 
 
@@ -47,7 +48,8 @@ def _centre_and_scale(histograms: Histograms, spec: ColumnSpec) -> tuple[float, 
 
 def numeric_standardisation(histograms: Histograms, schema: CohortSchema) -> tuple[np.ndarray, np.ndarray]:
     """Per numeric column: the centre and scale a hospital standardises its records by."""
-    centre, scale = np.array([_centre_and_scale(histograms, spec) for spec in numeric_specs(schema)]).T
+    pairs = [_centre_and_scale(histograms, spec) for spec in numeric_specs(schema)]
+    centre, scale = np.array(pairs, dtype=np.float64).reshape(-1, 2).T
     return centre, scale
 
 
@@ -108,15 +110,16 @@ def numeric_correlations(products: np.ndarray, schema: CohortSchema) -> dict[str
     """Pearson's r of every pair of numeric columns, keyed `"a|b"` like the pair tables.
 
     On the raw values, where the generator's pair loss compares normal scores: on the demo
-    cohort the two agree to 0.01. Noise can leave a variance at or below zero; such a pair gets
-    r = 0 (no claim), and every r is kept inside (-0.99, 0.99).
+    cohort the two agree to 0.01; for a strongly skewed or bounded column they can drift apart.
+    Noise can leave a variance at or below zero; such a pair gets r = 0 (no claim), and every r is
+    kept inside (-0.99, 0.99).
     """
     specs = numeric_specs(schema)
     count = max(float(products[-1, -1]), 1.0)
     mean = products[:-1, -1] / count
     cov = products[:-1, :-1] / count - np.outer(mean, mean)
     index = {spec.name: i for i, spec in enumerate(specs)}
-    out = {}
+    out: dict[str, float] = {}
     for spec_a, spec_b in column_pairs(schema):
         if spec_a.name not in index or spec_b.name not in index:
             continue

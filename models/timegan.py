@@ -298,7 +298,8 @@ class SequenceMoments:
         if not math.isfinite(self.count):
             return "sequence moments' count is not finite"
         if not np.allclose(self.day_sd, day_sd):
-            return f"sequence moments are in day_sd units {self.day_sd.tolist()}, expected {list(day_sd)}"
+            expected = np.asarray(day_sd).tolist()
+            return f"sequence moments are in day_sd units {self.day_sd.tolist()}, expected {expected}"
         return None
 
     def merged(self, other: SequenceMoments) -> SequenceMoments:
@@ -358,16 +359,15 @@ def _nearest_covariance(matrix: np.ndarray, floor: float = 1e-8, ceiling: float 
 
 
 def _clip_norms(length: int, n_channels: int) -> dict[str, float]:
-    """L2 bound of each block's per-record input (weekly means on the [0, 1] scale, deviations in
-    day_sd units)."""
+    """L2 bound of each clipped per-record input: weekly means - 1/2 on the [0, 1] scale, weekly
+    means about the centre in week_sd units ("between weeks"), deviations in day_sd units ("day
+    deviations", and "within weeks", whose clipped deviations also feed blocks 5 and 6)."""
     deviation = DEVIATION_CLIP * math.sqrt(length * n_channels)
     return {
         "weekly means": MEAN_CLIP_SHARE * math.sqrt(n_channels) / 2,
         "day deviations": deviation,
         "between weeks": BETWEEN_CLIP * math.sqrt(n_channels),
         "within weeks": deviation,
-        "day by day": deviation,
-        "level by day": BETWEEN_CLIP * math.sqrt(n_channels) * deviation,
     }
 
 
@@ -378,10 +378,9 @@ def moments_sensitivity(length: int, n_channels: int) -> dict[str, float]:
     adds tau_m): sqrt(2) tau_m. day deviations (each day's deviation from its weekly mean, in
     day_sd units, clipped to norm tau_d): tau_d. between weeks (m m^T for the weekly means about the
     centre in week_sd units, clipped to norm tau_b, and m itself): its Frobenius norm is |m|^2, so
-    the block's norm is at most sqrt(tau_b^4 + tau_b^2).
-    within weeks
-    (sum_t e_t e_t^T / length and the lag-1 terms, e the deviations in day_sd units clipped to norm
-    tau_w): a sum of positive semi-definite matrices has Frobenius norm at most its trace,
+    the block's norm is at most sqrt(tau_b^4 + tau_b^2). within weeks (sum_t e_t e_t^T / length
+    and the lag-1 terms, e the deviations in day_sd units clipped to norm tau_w): a sum of
+    positive semi-definite matrices has Frobenius norm at most its trace,
     |e|^2 / length; each |lag-1 term| is at most its channel's share of that trace (|ab| <=
     (a^2 + b^2) / 2 over the pairs), so the lag-1 block's norm is at most |e|^2 / length too, and
     sqrt(2) tau_w^2 / length bounds the block. day by day (sum_c e_c e_c^T for the same clipped
@@ -395,8 +394,8 @@ def moments_sensitivity(length: int, n_channels: int) -> dict[str, float]:
         "day deviations": tau["day deviations"],
         "between weeks": math.sqrt(tau["between weeks"] ** 4 + tau["between weeks"] ** 2),
         "within weeks": math.sqrt(2) * tau["within weeks"] ** 2 / length,
-        "day by day": tau["day by day"] ** 2,
-        "level by day": tau["level by day"],
+        "day by day": tau["within weeks"] ** 2,
+        "level by day": tau["between weeks"] * tau["within weeks"],
     }
 
 
@@ -405,6 +404,19 @@ def _clip_rows(y: np.ndarray, bound: float) -> np.ndarray:
     axes = tuple(range(1, y.ndim))
     norms = np.sqrt((y**2).sum(axis=axes, keepdims=True))
     return y * np.minimum(1.0, bound / np.maximum(norms, 1e-12))
+
+
+def second_moment_rows(m: np.ndarray, e: np.ndarray) -> dict[str, np.ndarray]:
+    """Each week's own entry in blocks 3-6 of the release, from its clipped level m (n, channels;
+    week_sd units) and clipped deviations e (n, length, channels; day_sd units): what one week
+    adds to each released sum, so `moments_sensitivity` bounds each row's norm."""
+    _, products, lag1 = _rhythm_terms(e)
+    return {
+        "between weeks": np.concatenate([_outer(m), m[:, None, :]], axis=1),
+        "within weeks": np.concatenate([products, lag1[:, None, :]], axis=1),
+        "day by day": _day_by_day(e),
+        "level by day": m[:, None, :] * e,
+    }
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:
@@ -435,7 +447,7 @@ def release_noisy_moments(
     clipping, so every channel's day-to-day spread comes out with about the same relative error:
     with one bound on the [0, 1] scale the noise, sized for sleep's spread, swamped resting heart
     rate's (DP within sd 0.025 and HRV 0.010, for real 0.016 and 0.021). Weekly means are measured
-    in `week_sd` units (declared too) for the same reason. Centring blocks 3-5 on the
+    in `week_sd` units (declared too) for the same reason. Centring blocks 3-6 on the
     hospital's own noisy means (post-processing of blocks 1-2) is what lets their bounds sit near
     the real spread instead of the whole declared range. Everything is converted back to raw sums,
     so hospitals merge by adding and the noise of the centre cancels from the spread estimates.
@@ -464,16 +476,16 @@ def release_noisy_moments(
 
     m = (x - centre).mean(axis=1)
     m_units = _clip_rows(m / week_sd, tau["between weeks"])
-    block = noisy("between weeks", np.concatenate([_outer(m_units).sum(axis=0), m_units.sum(axis=0)[None]]))
+    e = _clip_rows((x - centre - m[:, None, :]) / day_sd, tau["within weeks"])
+    totals = {name: noisy(name, rows.sum(axis=0)) for name, rows in second_moment_rows(m_units, e).items()}
+    block = totals["between weeks"]
     # About the weeks' own mean, not the noisy centre: the centre's noise (0.01 on the [0, 1]
     # scale at 1,000 weeks) would otherwise add its square to every variance.
     first = block[channels]
     between = (_symmetric(block[:channels]) - np.outer(first, first) / n) * np.outer(week_sd, week_sd)
-    e = _clip_rows((x - centre - m[:, None, :]) / day_sd, tau["within weeks"])
-    _, products, lag1 = _rhythm_terms(e)
-    within_block = noisy("within weeks", np.concatenate([products.sum(axis=0), lag1.sum(axis=0)[None]]))
-    day_by_day = _symmetric(noisy("day by day", _day_by_day(e).sum(axis=0)))
-    level_by_day = noisy("level by day", (m_units[:, None, :] * e).sum(axis=0)) * week_sd * day_sd
+    within_block = totals["within weeks"]
+    day_by_day = _symmetric(totals["day by day"])
+    level_by_day = totals["level by day"] * week_sd * day_sd
     scale = np.outer(day_sd, day_sd)
     within = _symmetric(within_block[:channels]) * scale
     # Raw sums from the centred ones: sum of m m^T = sum of (m - c)(m - c)^T + n c c^T (the cross
@@ -753,11 +765,19 @@ class TimeGAN:
         missing = [name for name, part in parts.items() if not part]
         if strict and missing:
             raise KeyError(f"state has no weights for the {missing[0]}")
+        # Every given network checked before any is loaded: a bad state changes nothing.
         for name, part in parts.items():
-            module = getattr(self, name)
-            if not part:
-                continue
-            module.load_state_dict(part, strict=True)
+            own = getattr(self, name).state_dict()
+            if part and set(part) != set(own):
+                raise KeyError(f"the {name}'s weights differ in keys: {sorted(set(part) ^ set(own))[:3]}")
+            for key, value in part.items():
+                if tuple(value.shape) != tuple(own[key].shape):
+                    raise ValueError(
+                        f"{name}.{key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+                    )
+        for name, part in parts.items():
+            if part:
+                getattr(self, name).load_state_dict(part, strict=True)
 
     # ---------------------------------------------------------------- conditions
     def public_conditions(self, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -22,7 +22,9 @@ from strategies.fedavg import RoundLog
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_VERSION = 1
+# 2: the handshake's numeric moments, six sequence-moment blocks, TimeGAN's week noise and
+# linear link prior (a version-1 checkpoint cannot be resumed by this code).
+CHECKPOINT_VERSION = 2
 STATE_FILE = "checkpoint.json"
 # Knobs that may change between a crash and its resume: they steer operations, not results.
 OPERATIONAL_SETTINGS = ("federation.round_timeout_s", "federation.min_replies", "runtime.")

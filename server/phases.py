@@ -153,7 +153,7 @@ def run_handshake(
     for reply in replies:
         node, hospital = reply.metadata.src_node_id, hospital_of(reply)
         part_moments: SequenceMoments | str | None = None
-        part_numeric: np.ndarray | str = ""
+        part_numeric: np.ndarray | str | None = None
         if reply.has_error():
             problem = reply.error.reason
         else:
@@ -182,8 +182,8 @@ def run_handshake(
         pair_parts.append({k: v.numpy() for k, v in reply.content.array_records["pairs"].items()})
         if isinstance(part_moments, SequenceMoments):
             moments = part_moments if moments is None else moments.merged(part_moments)
-        assert isinstance(part_numeric, np.ndarray)
-        numeric = part_numeric if numeric is None else numeric + part_numeric
+        if isinstance(part_numeric, np.ndarray):  # always, once the reply passed the checks
+            numeric = part_numeric if numeric is None else numeric + part_numeric
         accepted.append(node)
     silent = sorted(set(node_ids) - {r.metadata.src_node_id for r in replies})
     for node in silent:

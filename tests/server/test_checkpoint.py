@@ -162,3 +162,21 @@ def test_settings_compare_the_schema_by_content_not_path(tmp_path: Path) -> None
     assert [c.split(":")[0] for c in settings_changes(saved, load_settings(None, {"schema": str(copy)}))] == [
         "schema"
     ]
+
+
+def test_a_checkpoint_of_another_version_is_refused_with_both_numbers(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _progress(1), weights=_weights(1.0), statistics=_statistics())
+    state = tmp_path / "checkpoint" / "checkpoint.json"
+    state.write_text(
+        json.dumps({**json.loads(state.read_text(encoding="utf-8")), "version": 1}), encoding="utf-8"
+    )
+    with pytest.raises(
+        CheckpointError, match=rf"has version 1, expected {checkpoint_module.CHECKPOINT_VERSION}"
+    ):
+        load_checkpoint(tmp_path)
+
+
+def test_statistics_the_checkpoint_does_not_hold_are_named(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _progress(1), weights=_weights(1.0), statistics=_statistics())
+    with pytest.raises(CheckpointError, match="no 'numeric' statistics"):
+        load_checkpoint(tmp_path).statistics("numeric")
