@@ -2,9 +2,10 @@
 
 3 hospitals (non-iid Dirichlet split of the 4000-patient demo cohort, 80% of each trains as in
 the audit's member split), phases run as FedAvg rounds with the round counts, batch size and
-TimeGAN config of configs/demo.toml, every hospital with its own ledger: the handshake's releases
-(histograms, pair tables, numeric moments, the sequence moments' blocks) at the demo's statistics share, a
-stand-in charge for the static generator's share, then TimeGAN's noise planned to reach max epsilon.
+TimeGAN config of configs/demo.toml, every hospital with its own ledger: the nodes' own handshake
+(`client.tasks.handshake_statistics`: histograms, pair tables, numeric and sequence moments) at the
+demo's statistics share, a stand-in charge for the static generator's share, then TimeGAN's noise
+planned to reach max epsilon.
 
     python benchmarks/timegan_quality.py [--patients 4000] [--eval 2000] [key=value config overrides]
 """
@@ -20,14 +21,16 @@ import warnings
 import numpy as np
 import torch
 
+from client.data import Cohort
+from client.tasks import handshake_statistics, weeks_of
 from configs.schema import load_schema
 from configs.settings import load_settings
 from models.ctgan_dp import DPSpec
 from models.encoder import TabularEncoder
 from models.sequence_metrics import DEFAULT_LINK_PAIRS, evaluate_sequences
 from models.statistics import histogram_counts, merge_histograms
-from models.timegan import MOMENT_BLOCKS, SequenceEncoder, SequenceMoments, TimeGAN, release_noisy_moments
-from privacy.facade import gaussian_noise_multiplier, steps_per_epoch
+from models.timegan import SequenceEncoder, SequenceMoments, TimeGAN
+from privacy.facade import steps_per_epoch
 from privacy.ledger import PrivacyLedger
 from simulation.cohort import generate_demo_cohort
 from simulation.partition import partition_cohort
@@ -100,37 +103,30 @@ def main() -> None:
         schema, merge_histograms([histogram_counts(h.static, schema) for h in hospitals])
     )
     members = [h.static.sample(frac=0.8, random_state=args.seed) for h in hospitals]
-    weeks = [
-        seq.transform(h.timeseries[h.timeseries["patient_id"].isin(set(m["patient_id"]))], m["patient_id"])
+    member_cohorts = [
+        Cohort(m, h.timeseries[h.timeseries["patient_id"].isin(set(m["patient_id"]))])
         for h, m in zip(hospitals, members, strict=True)
     ]
+    weeks = [weeks_of(c, schema) for c in member_cohorts]
     conds = [encoder.transform(m) for m in members]
     sizes = [len(w) for w in weeks]
     total_rounds = sum(r for _, r in ROUNDS)
 
-    # Handshake (histograms, pair tables, numeric moments, the moments' blocks: even releases as in
-    # client.tasks.handshake_statistics), the static generator's share, TimeGAN's plan.
+    # The nodes' own handshake (client.tasks.handshake_statistics), the static generator's share,
+    # TimeGAN's plan.
     ledgers, sigmas, moments = [], [], None
     rng = np.random.default_rng(args.seed)
     privacy = SETTINGS.privacy
     share = privacy.statistics_epsilon_share if args.statistics_share is None else args.statistics_share
     statistics = share * MAX_EPSILON
     static_total = statistics + (1 - privacy.sequence_epsilon_share) * (MAX_EPSILON - statistics)
-    for n, w in zip(sizes, weeks, strict=True):
+    for n, member_cohort in zip(sizes, member_cohorts, strict=True):
         ledger = PrivacyLedger(max_epsilon=MAX_EPSILON, delta=DELTA)
-        releases = 3 + len(MOMENT_BLOCKS)
-        z = gaussian_noise_multiplier(epsilon=statistics, delta=DELTA) * math.sqrt(releases)
-        for what in ("handshake histograms", "handshake pair tables", "handshake numeric moments"):
-            ledger.charge_gaussian(what, noise_multiplier=z)
-        released = release_noisy_moments(
-            w,
-            ledger=ledger,
-            noise_multiplier=z,
-            rng=rng,
-            what="handshake",
-            day_sd=seq.day_sd,
-            week_sd=seq.week_sd,
-        )
+        seed = int(rng.integers(2**31))
+        released = handshake_statistics(
+            member_cohort, schema, ledger=ledger, epsilon=statistics, seed=seed, with_moments=True
+        ).moments
+        assert released is not None
         moments = released if moments is None else moments.merged(released)
         _charge_to(ledger, static_total, "static generator (stand-in)")
         per_epoch = steps_per_epoch(n, BATCH)
