@@ -128,7 +128,7 @@ class TrainRequest:
     moments_json: str = ""  # merged DP sequence moments for TimeGAN's moments loss
     # .npy bytes of encoded profiles sampled from the DP static generator (TimeGAN's joint phase)
     stand_ins_npy: bytes = b""
-    # {"a|b": r} of numeric column pairs from the merged DP pair tables (the static generator)
+    # {"a|b": r} of numeric column pairs from the merged DP numeric moments (the static generator)
     pair_targets_json: str = ""
 
 

@@ -79,7 +79,7 @@ class DPCTGAN:
         # encoder maps the DP marginals to N(0, 1), so this uses DP outputs only.
         marginal_weight: float = Field(default=1.0, ge=0)
         # Weight of |batch correlation - target| over the numeric column pairs given to fit() as
-        # `pair_targets` (normal-score r from the DP pair tables: post-processing). Under DP-SGD
+        # `pair_targets` (r from the DP numeric moments of the handshake: post-processing). Under DP-SGD
         # the discriminator's noisy verdict kept the columns' shapes but lost how they go together
         # (demo: depression~anxiety r 0.17, anxiety~stress -0.32; real 0.63, 0.58).
         pair_weight: float = Field(default=1.0, ge=0)

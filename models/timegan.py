@@ -162,10 +162,10 @@ MOMENT_BLOCKS = (
 )
 
 
-def _rhythm_terms(y: Any) -> tuple[Any, Any, Any]:
+def _rhythm_terms(y: Any) -> tuple[Any, Any, Any, Any]:
     """Per week of y (n, length, channels), numpy or torch: the weekly mean m (n, channels), the
-    within-week products sum_t e_t e_t^T / length (n, channels, channels) of the deviations
-    e = y - m, and their lag-1 products sum_t e_t * e_t+1 / length (n, channels).
+    deviations e = y - m (n, length, channels), their within-week products sum_t e_t e_t^T /
+    length (n, channels, channels) and lag-1 products sum_t e_t * e_t+1 / length (n, channels).
 
     Without the cross-channel products the generator drove every channel from one shared daily
     factor (day-to-day r of sleep and stress -0.89, real -0.17); without the lag-1 term it made
@@ -178,7 +178,7 @@ def _rhythm_terms(y: Any) -> tuple[Any, Any, Any]:
         within = torch.einsum("ntc,ntd->ncd", e, e) / length
     else:
         within = np.einsum("ntc,ntd->ncd", e, e) / length
-    return week, within, (e[:, :-1] * e[:, 1:]).sum(axis=1) / length
+    return week, e, within, (e[:, :-1] * e[:, 1:]).sum(axis=1) / length
 
 
 def _day_by_day(e: Any) -> Any:
@@ -247,9 +247,7 @@ class SequenceMoments:
         x = x.astype(np.float64)
         unit = np.ones(x.shape[2]) if day_sd is None else np.asarray(day_sd, dtype=np.float64)
         y = x - x.mean(axis=0)
-        _, within, lag1 = _rhythm_terms(y)
-        level = y.mean(axis=1, keepdims=True)
-        e = (y - level) / unit
+        level, deviations, within, lag1 = _rhythm_terms(y)
         return cls(
             sums=x.sum(axis=0),
             squares=(x**2).sum(axis=0),
@@ -257,8 +255,8 @@ class SequenceMoments:
             week_products=_outer(x.mean(axis=1)).sum(axis=0),
             within=within.sum(axis=0),
             lag1=lag1.sum(axis=0),
-            day_by_day=_day_by_day(e).sum(axis=0),
-            level_by_day=(level * (y - level)).sum(axis=0),
+            day_by_day=_day_by_day(deviations / unit).sum(axis=0),
+            level_by_day=(level[:, None, :] * deviations).sum(axis=0),
             day_sd=unit,
         )
 
@@ -410,7 +408,7 @@ def second_moment_rows(m: np.ndarray, e: np.ndarray) -> dict[str, np.ndarray]:
     """Each week's own entry in blocks 3-6 of the release, from its clipped level m (n, channels;
     week_sd units) and clipped deviations e (n, length, channels; day_sd units): what one week
     adds to each released sum, so `moments_sensitivity` bounds each row's norm."""
-    _, products, lag1 = _rhythm_terms(e)
+    _, _, products, lag1 = _rhythm_terms(e)
     return {
         "between weeks": np.concatenate([_outer(m), m[:, None, :]], axis=1),
         "within weeks": np.concatenate([products, lag1[:, None, :]], axis=1),
@@ -1316,12 +1314,14 @@ def _moments_loss(x: torch.Tensor, target: dict[str, torch.Tensor]) -> torch.Ten
     """
     sd, within_sd, between_sd = target["sd"], target["within_sd"], target["between_sd"]
     y = x - target["mean"]
-    week, products, lag1 = _rhythm_terms(y)
+    week, _, products, lag1 = _rhythm_terms(y)
     level = week.mean(dim=0)
     day_pattern = y.mean(dim=0) - level
     centred = week - level
     between = centred.T @ centred / max(len(x) - 1, 1)
     within = products.mean(dim=0)
+    # Recomputed rather than taken from _rhythm_terms: the same values, but a shared tensor sums
+    # the gradients in another order, and the GAN's training then drifts to other weeks.
     deviations = y - week[:, None, :]
     days = _day_by_day(deviations / target["day_sd"]).mean(dim=0) / y.shape[2]
     day_target = target["day_by_day"]

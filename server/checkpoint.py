@@ -138,7 +138,7 @@ def save_checkpoint(
     """Write `out_dir/checkpoint/` whole: a crash mid-write leaves the previous checkpoint intact.
 
     `weights`: name -> arrays (e.g. "dp-ctgan", "dp-ctgan.best", "timegan"); `statistics`:
-    name -> DP histograms or pair tables from the handshake. Each goes to its own safetensors
+    name -> DP histograms, pair tables or numeric moments from the handshake. Each goes to its own safetensors
     file; the key order is kept in the JSON so arrays come back in the order models expect.
     """
     from privacy.storage import atomic_directory
