@@ -25,18 +25,23 @@ from client.data import Cohort
 from client.tasks import handshake_statistics, weeks_of
 from configs.schema import load_schema
 from configs.settings import load_settings
-from models.ctgan_dp import DPSpec
 from models.encoder import TabularEncoder
+from models.releases.numeric import NUMERIC_MOMENTS
+from models.releases.sequence import SEQUENCE_MOMENTS
+from models.sequence.encoder import SequenceEncoder
+from models.sequence.moments import SequenceMoments
+from models.sequence.timegan import TimeGAN
 from models.sequence_metrics import DEFAULT_LINK_PAIRS, evaluate_sequences
 from models.statistics import histogram_counts, merge_histograms
-from models.timegan import SequenceEncoder, SequenceMoments, TimeGAN
+from privacy.dp_training import DPSpec
 from privacy.facade import steps_per_epoch
 from privacy.ledger import PrivacyLedger
 from simulation.cohort import generate_demo_cohort
 from simulation.partition import partition_cohort
 
 SETTINGS = load_settings()
-ROUNDS = tuple(SETTINGS.federation.sequence_rounds.plan())
+SEQUENCE_STAGE = next(stage for stage in SETTINGS.stages if stage.model == "timegan")
+ROUNDS = tuple(SEQUENCE_STAGE.phase_rounds(TimeGAN.phases))
 BATCH = SETTINGS.federation.batch_size
 DELTA = SETTINGS.privacy.delta
 CLIP = SETTINGS.privacy.clipping_norm
@@ -119,13 +124,18 @@ def main() -> None:
     privacy = SETTINGS.privacy
     share = privacy.statistics_epsilon_share if args.statistics_share is None else args.statistics_share
     statistics = share * MAX_EPSILON
-    static_total = statistics + (1 - privacy.sequence_epsilon_share) * (MAX_EPSILON - statistics)
+    static_total = statistics + SETTINGS.stages[0].epsilon_share * MAX_EPSILON
     for n, member_cohort in zip(sizes, member_cohorts, strict=True):
         ledger = PrivacyLedger(max_epsilon=MAX_EPSILON, delta=DELTA)
         seed = int(rng.integers(2**31))
         released = handshake_statistics(
-            member_cohort, schema, ledger=ledger, epsilon=statistics, seed=seed, with_moments=True
-        ).moments
+            member_cohort,
+            schema,
+            ledger=ledger,
+            epsilon=statistics,
+            seed=seed,
+            releases=[NUMERIC_MOMENTS, SEQUENCE_MOMENTS],
+        )[SEQUENCE_MOMENTS]
         assert released is not None
         moments = released if moments is None else moments.merged(released)
         _charge_to(ledger, static_total, "static generator (stand-in)")

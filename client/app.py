@@ -26,7 +26,6 @@ from flwr.common.constant import ErrorCode
 from client.data import Cohort, CohortValidationError, load_cohort, split_holdout
 from client.node import NodeSettings, load_ledger, load_plan, node_settings, save_ledger, save_plan
 from client.tasks import (
-    TrainRequest,
     audit_answers,
     fits_target,
     handshake_statistics,
@@ -36,11 +35,13 @@ from client.tasks import (
     sequence_answers,
     train_round,
 )
+from configs import wire
 from configs.settings import RunSettings, settings_from_run_config
+from configs.wire import HandshakeRequest, TrainRequest, WireError
 from models.encoder import EncoderError
-from models.numeric_moments import NUMERIC_KEY
+from models.releases.base import ReleaseError
+from models.releases.catalog import get_release
 from privacy.ledger import BudgetExceededError, PrivacyLedger
-from strategies.fedavg import FEDERATION_ID, NODE_INFO_KEY
 
 logger = logging.getLogger(__name__)
 # Opacus warns about its non-cryptographic RNG and hook details on every round; the choice is
@@ -51,7 +52,7 @@ warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 app = ClientApp()
 
 # Refusals a hospital makes on purpose: answered as an error reply with a clear reason.
-_REFUSALS = (CohortValidationError, BudgetExceededError, EncoderError)
+_REFUSALS = (CohortValidationError, BudgetExceededError, EncoderError, WireError, ReleaseError)
 
 
 def _setup(context: Context, message: Message) -> tuple[RunSettings, NodeSettings]:
@@ -76,8 +77,8 @@ def _noise_seed(settings: RunSettings, node: NodeSettings, salt: int) -> int | N
 
 
 def _federation_id(message: Message) -> str:
-    config = message.content.config_records.get("config")
-    return str(config.get(FEDERATION_ID, "")) if config is not None else ""
+    config = message.content.config_records.get(wire.CONFIG)
+    return str(config.get(wire.FEDERATION_ID, "")) if config is not None else ""
 
 
 def _refuse(message: Message, node: NodeSettings, err: Exception) -> Message:
@@ -92,88 +93,56 @@ def _node_info(node: NodeSettings, **extra: str) -> ConfigRecord:
 
 @app.query("handshake")
 def handshake(message: Message, context: Context) -> Message:
-    """Validate the local cohort, then answer counts + DP histograms (charged to the ledger)."""
+    """Validate the local cohort, then answer the DP releases asked for (charged to the ledger)."""
     settings, node = _setup(context, message)
     schema = settings.load_schema()
-    announced = str(message.content.config_records["config"]["schema-hash"])
     try:
-        if announced != schema.schema_hash():
+        request = HandshakeRequest.from_config(message.content.config_records.get(wire.CONFIG))
+        if request.schema_hash != schema.schema_hash():
             raise EncoderError("the server's cohort schema differs from this node's (schema hash)")
         cohort, _ = _split_cohort(settings, node)
         ledger = load_ledger(context, node)
         epsilon = settings.privacy.statistics_epsilon_share * node.max_epsilon
-        with_moments = bool(message.content.config_records["config"].get("with-moments", False))
-        stats = handshake_statistics(
+        released = handshake_statistics(
             cohort,
             schema,
             ledger=ledger,
             epsilon=epsilon,
             seed=_noise_seed(settings, node, 0),
-            with_moments=with_moments,
+            releases=request.releases,
         )
     except _REFUSALS as err:
         return _refuse(message, node, err)
     save_ledger(context, node, ledger)
     content = RecordDict(
         {
-            "histograms": ArrayRecord({k: Array(v) for k, v in stats.histograms.items()}),
-            "pairs": ArrayRecord({k: Array(v) for k, v in stats.pairs.items()}),
-            "numeric": ArrayRecord({NUMERIC_KEY: Array(stats.numeric)}),
-            "metrics": MetricRecord(
+            **{
+                name: ArrayRecord({k: Array(v) for k, v in get_release(name).to_arrays(value).items()})
+                for name, value in released.items()
+            },
+            wire.METRICS: MetricRecord(
                 {
-                    "num-examples": cohort.n_patients,
+                    wire.WEIGHT: cohort.n_patients,
                     "epsilon": ledger.spent(),
                     "delta": node.delta,
                     "max-epsilon": node.max_epsilon,
                 }
             ),
-            NODE_INFO_KEY: _node_info(node, **{"schema-hash": schema.schema_hash()}),
+            wire.NODE_INFO: _node_info(node, **{"schema-hash": schema.schema_hash()}),
         }
     )
-    if stats.moments is not None:
-        content["moments"] = ConfigRecord({"json": stats.moments.to_json()})
     return Message(content, reply_to=message)
-
-
-def _bytes_entry(config: ConfigRecord, key: str) -> bytes:
-    value = config.get(key, b"")
-    if not isinstance(value, bytes):
-        raise EncoderError(f"config entry '{key}' must be bytes, got {type(value).__name__}")
-    return value
-
-
-def _train_request(config: ConfigRecord) -> TrainRequest:
-    return TrainRequest(
-        model_name=str(config["model"]),
-        model_params=json.loads(str(config["model-params"])),
-        encoder_json=str(config["encoder"]),
-        encoder_hash=str(config["encoder-hash"]),
-        server_round=int(config["server-round"]),
-        # this model's rounds over all its stages, minus those already run, this one included
-        rounds_remaining=int(config["model-rounds"])
-        - int(config["rounds-before"])
-        - int(config["server-round"])
-        + 1,
-        budget_share=float(config["budget-share"]),
-        local_epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
-        seed=int(config["seed"]),
-        phase=str(config.get("phase", "")),
-        moments_json=str(config.get("moments", "")),
-        stand_ins_npy=_bytes_entry(config, "stand-ins"),
-        pair_targets_json=str(config.get("pair-correlations", "")),
-        lr_multiplier=float(config.get("lr-multiplier", 1.0)),
-    )
 
 
 @app.train("generator")
 @app.train("sequence")
+@app.train("risk")
 def train_model(message: Message, context: Context) -> Message:
-    """One round of local DP-SGD on a generator; refuses past the node's budget."""
+    """One round of local DP-SGD on a registered model; refuses past the node's budget."""
     settings, node = _setup(context, message)
-    request = _train_request(message.content.config_records["config"])
-    state = OrderedDict(message.content.array_records["arrays"].to_torch_state_dict())
     try:
+        request = TrainRequest.from_config(message.content.config_records.get(wire.CONFIG))
+        state = OrderedDict(message.content.array_records[wire.ARRAYS].to_torch_state_dict())
         cohort, _ = _split_cohort(settings, node)
         ledger = load_ledger(context, node)
         sigma = _noise_plan(context, node, ledger, cohort.n_patients, request, _federation_id(message))
@@ -190,12 +159,12 @@ def train_model(message: Message, context: Context) -> Message:
     except _REFUSALS as err:
         return _refuse(message, node, err)
     save_ledger(context, node, ledger)
-    metrics = {"num-examples": cohort.n_patients, "epsilon": ledger.spent(), **report.as_metrics()}
+    metrics = {wire.WEIGHT: cohort.n_patients, "epsilon": ledger.spent(), **report.as_metrics()}
     content = RecordDict(
         {
-            "arrays": ArrayRecord(OrderedDict(new_state)),
-            "metrics": MetricRecord(metrics),
-            NODE_INFO_KEY: _node_info(node),
+            wire.ARRAYS: ArrayRecord(OrderedDict(new_state)),
+            wire.METRICS: MetricRecord(metrics),
+            wire.NODE_INFO: _node_info(node),
         }
     )
     return Message(content, reply_to=message)
@@ -216,7 +185,7 @@ def _noise_plan(
     after the node trained it, and the resumed run asks again), sigma is re-spread so the rounds
     left still end at the same target: the budget split between models never moves.
     """
-    key = f"plan.{federation_id}.{request.model_name}"
+    key = f"plan.{federation_id}.{request.model}"
     plan = load_plan(context, node, key)
     if plan is None:
         target = plan_target_epsilon(ledger, request)
@@ -246,7 +215,7 @@ def identify(message: Message, context: Context) -> Message:
     settings, node = _setup(context, message)
     return Message(
         RecordDict(
-            {NODE_INFO_KEY: _node_info(node, **{"schema-hash": settings.load_schema().schema_hash()})}
+            {wire.NODE_INFO: _node_info(node, **{"schema-hash": settings.load_schema().schema_hash()})}
         ),
         reply_to=message,
     )
@@ -259,7 +228,7 @@ def audit(message: Message, context: Context) -> Message:
     The server sends an encoded synthetic sample; the answer holds aggregates and counts only.
     """
     settings, node = _setup(context, message)
-    config = message.content.config_records["config"]
+    config = message.content.config_records[wire.CONFIG]
     try:
         encoder = rebuild_encoder_from(
             str(config["encoder"]), str(config["encoder-hash"]), settings.load_schema()
@@ -289,7 +258,7 @@ def audit(message: Message, context: Context) -> Message:
             ),
             # the charges themselves (mechanism, sigma, sample rate, steps, epsilon after): no data
             "ledger": ConfigRecord({"json": json.dumps([e.model_dump() for e in ledger.entries])}),
-            NODE_INFO_KEY: _node_info(node),
+            wire.NODE_INFO: _node_info(node),
         }
     )
     return Message(content, reply_to=message)

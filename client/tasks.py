@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,34 +13,25 @@ import torch
 from client.data import Cohort
 from configs.schema import CohortSchema
 from configs.settings import RunSettings
-from models.ctgan_dp import DPSpec, FitReport
+from configs.wire import TrainRequest
+from models.base import FitReport, LocalData, LocalRound, ModelKind
 from models.encoder import EncoderError, TabularEncoder
-from models.numeric_moments import release_numeric_products
-from models.pairs import pair_counts
 from models.registry import get_model_class
+from models.releases.base import Members, decode_arrays
+from models.releases.catalog import get_release, releases_for
 from models.runtime import resolve_device
+from models.sequence.encoder import SequenceEncoder
+from models.sequence.stand_ins import decode_stand_ins
 from models.sequence_metrics import evaluate_sequences
-from models.statistics import Histograms, histogram_counts
-from models.timegan import (
-    MOMENT_BLOCKS,
-    SequenceEncoder,
-    SequenceMoments,
-    decode_stand_ins,
-    release_noisy_moments,
-)
 from privacy.attacks import classifier_attack, dcr_overfitting_protection, distance_attack, domias_attack
-from privacy.facade import gaussian_noise_multiplier, release_noisy_histograms, steps_per_epoch
+from privacy.dp_training import DPSpec
+from privacy.facade import gaussian_noise_multiplier, planned_steps
 from privacy.ledger import PrivacyLedger
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class HandshakeStatistics:
-    histograms: Histograms
-    pairs: Histograms
-    numeric: np.ndarray  # sums of a a^T, a = (numeric columns, 1): `models.numeric_moments`
-    moments: SequenceMoments | None
+# Kinds whose local rounds see the members' weeks (when the schema has a sequence).
+WEEK_KINDS = (ModelKind.SEQUENCE_GENERATOR, ModelKind.RISK_MODEL)
 
 
 def handshake_statistics(
@@ -50,56 +41,27 @@ def handshake_statistics(
     ledger: PrivacyLedger,
     epsilon: float,
     seed: int | None,
-    with_moments: bool,
-) -> HandshakeStatistics:
-    """DP histograms of every column and column pair, the numeric columns' second moments
-    (+ DP sequence moments), `epsilon` in all.
+    releases: list[str],
+) -> dict[str, Any]:
+    """The DP releases named (and those always made), `epsilon` in all: release name -> statistic.
 
     k Gaussian releases with noise multiplier z * sqrt(k) cost, under RDP, exactly what one
-    release with z costs, so the statistics' share of the budget is split evenly between them.
-    The sequence moments are one release per block (`models.timegan.MOMENT_BLOCKS`).
+    release with z costs, so the statistics' share of the budget is split evenly between them
+    (the sequence moments count as one release per block).
     """
-    releases = 3 + (len(MOMENT_BLOCKS) if with_moments else 0)
-    z = gaussian_noise_multiplier(epsilon=epsilon, delta=ledger.delta) * math.sqrt(releases)
-    ledger.check("handshake statistics", noise_multiplier=z, sample_rate=1.0, steps=releases)
+    chosen = releases_for(releases)
+    count = sum(release.gaussian_releases(schema) for release in chosen)
+    z = gaussian_noise_multiplier(epsilon=epsilon, delta=ledger.delta) * math.sqrt(count)
+    ledger.check("handshake statistics", noise_multiplier=z, sample_rate=1.0, steps=count)
     rng = np.random.default_rng(seed)
-    histograms = release_noisy_histograms(
-        histogram_counts(cohort.static, schema), ledger=ledger, rng=rng, noise_multiplier=z
-    )
-    pairs = release_noisy_histograms(
-        pair_counts(cohort.static, schema), ledger=ledger, rng=rng, noise_multiplier=z
-    )
-    numeric = release_numeric_products(
-        cohort.static, schema, histograms, ledger=ledger, noise_multiplier=z, rng=rng
-    )
-    moments = None
-    if with_moments:
-        sequence = SequenceEncoder.from_schema(schema)
-        moments = release_noisy_moments(
-            weeks_of(cohort, schema),
-            ledger=ledger,
-            noise_multiplier=z,
-            rng=rng,
-            what="handshake sequence moments",
-            day_sd=sequence.day_sd,
-            week_sd=sequence.week_sd,
+    weeks = weeks_of(cohort, schema) if cohort.timeseries is not None else None
+    members = Members(cohort.static, weeks)
+    released: dict[str, Any] = {}
+    for release in chosen:
+        released[release.name] = release.measure(
+            members, schema, ledger=ledger, noise_multiplier=z, rng=rng, released=released
         )
-    return HandshakeStatistics(histograms, pairs, numeric, moments)
-
-
-def _pair_targets(text: str) -> dict[str, float] | None:
-    """The server's pair correlations, refused unless a JSON object of numbers."""
-    if not text:
-        return None
-    try:
-        targets = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise EncoderError(f"pair correlations are not valid JSON: {err}") from None
-    if not isinstance(targets, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in targets.values()
-    ):
-        raise EncoderError("pair correlations must be a JSON object of numbers")
-    return {str(k): float(v) for k, v in targets.items()}
+    return released
 
 
 def weeks_of(cohort: Cohort, schema: CohortSchema) -> np.ndarray:
@@ -107,29 +69,6 @@ def weeks_of(cohort: Cohort, schema: CohortSchema) -> np.ndarray:
     if cohort.timeseries is None:
         raise EncoderError("the schema declares no sequence, but a sequence model was asked for")
     return SequenceEncoder.from_schema(schema).transform(cohort.timeseries, cohort.static[schema.id_column])
-
-
-@dataclass(frozen=True)
-class TrainRequest:
-    """What the server asks for one round (checked by the client before anything runs)."""
-
-    model_name: str
-    model_params: dict
-    encoder_json: str
-    encoder_hash: str
-    server_round: int
-    rounds_remaining: int  # of this model, this round included: what the noise is planned over
-    budget_share: float  # share of the hospital's remaining epsilon this model may spend
-    local_epochs: int
-    batch_size: int
-    seed: int
-    phase: str = ""  # TimeGAN phase; "" for a static-table model
-    lr_multiplier: float = 1.0  # SA-DQC's learning-rate adjustment after a rollback
-    moments_json: str = ""  # merged DP sequence moments for TimeGAN's moments loss
-    # .npy bytes of encoded profiles sampled from the DP static generator (TimeGAN's joint phase)
-    stand_ins_npy: bytes = b""
-    # {"a|b": r} of numeric column pairs from the merged DP numeric moments (the static generator)
-    pair_targets_json: str = ""
 
 
 def rebuild_encoder(request: TrainRequest, schema: CohortSchema) -> TabularEncoder:
@@ -162,11 +101,11 @@ def plan_noise_multiplier(
     The target is cumulative (the ledger composes it with every earlier charge); by default it
     is `plan_target_epsilon`.
     """
-    per_epoch = steps_per_epoch(n_records, request.batch_size)
+    sample_rate, per_epoch = planned_steps(n_records, request.batch_size)
     target = plan_target_epsilon(ledger, request) if target_epsilon is None else target_epsilon
     return ledger.calibrate_noise_multiplier(
         target_epsilon=target,
-        sample_rate=1.0 / per_epoch,
+        sample_rate=sample_rate,
         steps=request.rounds_remaining * request.local_epochs * per_epoch,
     )
 
@@ -175,13 +114,40 @@ def fits_target(
     ledger: PrivacyLedger, *, n_records: int, request: TrainRequest, sigma: float, target: float
 ) -> bool:
     """Do the remaining rounds at `sigma` stay within `target`? False after a round was redone."""
-    per_epoch = steps_per_epoch(n_records, request.batch_size)
+    sample_rate, per_epoch = planned_steps(n_records, request.batch_size)
     after = ledger.epsilon_if(
         noise_multiplier=sigma,
-        sample_rate=1.0 / per_epoch,
+        sample_rate=sample_rate,
         steps=request.rounds_remaining * request.local_epochs * per_epoch,
     )
     return after <= target * (1 + 1e-9)
+
+
+def _scaled_learning_rates(params: dict[str, Any], multiplier: float) -> dict[str, Any]:
+    """SA-DQC's learning-rate multiplier on every `*_lr` / `learning_rate` parameter."""
+    return {
+        key: value * multiplier
+        if (key.endswith("_lr") or key == "learning_rate") and isinstance(value, int | float)
+        else value
+        for key, value in params.items()
+    }
+
+
+def local_data(cohort: Cohort, encoder: TabularEncoder, *, with_weeks: bool) -> LocalData:
+    """The members as models see them: encoded profiles, and their weeks when asked for."""
+    weeks = weeks_of(cohort, encoder.schema) if with_weeks else None
+    return LocalData(profiles=encoder.transform(cohort.static), weeks=weeks)
+
+
+def _decoded_statistics(request: TrainRequest, schema: CohortSchema) -> dict[str, Any]:
+    """The merged DP statistics the server sent, checked like a hospital's own reply would be."""
+    try:
+        return {
+            name: get_release(name).from_arrays(decode_arrays(data), schema)
+            for name, data in request.statistics.items()
+        }
+    except ValueError as err:
+        raise EncoderError(f"the server's statistics are unusable: {err}") from None
 
 
 def train_round(
@@ -195,45 +161,33 @@ def train_round(
     device: str,
     seed: int | None,
 ) -> tuple[dict[str, torch.Tensor], FitReport]:
-    """Load the global weights, train locally with DP-SGD, return new weights + report."""
+    """Load the global weights, run one local round of the model's `fit_round`, return weights + report."""
     schema = settings.load_schema()
     encoder = rebuild_encoder(request, schema)
-    params = {
-        key: value * request.lr_multiplier
-        if (key.endswith("_lr") or key == "learning_rate") and isinstance(value, int | float)
-        else value
-        for key, value in request.model_params.items()
-    }
-    model = get_model_class(request.model_name)(encoder, params, seed=request.seed)
+    model_class = get_model_class(request.model)
+    model = model_class(
+        encoder, _scaled_learning_rates(request.model_params, request.lr_multiplier), seed=request.seed
+    )
     model.load_state_dict(state)
     dp = DPSpec(
         noise_multiplier=noise_multiplier,
         clipping_norm=settings.privacy.clipping_norm,
         ledger=ledger,
-        label=f"{request.model_name} {request.phase} round {request.server_round}".replace("  ", " "),
+        label=f"{request.model} {request.phase} round {request.server_round}".replace("  ", " "),
     )
-    common = {
-        "epochs": request.local_epochs,
-        "batch_size": request.batch_size,
-        "dp": dp,
-        "device": resolve_device(device),
-        "seed": seed if seed is not None else int(torch.seed() % 2**31),
-    }
-    profiles = encoder.transform(cohort.static)
-    if getattr(model, "kind", "table") == "sequence":
-        moments = SequenceMoments.from_json(request.moments_json) if request.moments_json else None
-        stand_ins = decode_stand_ins(request.stand_ins_npy, encoder.width) if request.stand_ins_npy else None
-        report = model.fit(
-            weeks_of(cohort, schema),
-            profiles,
-            phase=request.phase,
-            moments=moments,
-            stand_ins=stand_ins,
-            **common,
-        )
-    else:
-        pair_targets = _pair_targets(request.pair_targets_json)
-        report = model.fit(profiles, pair_targets=pair_targets, **common)
+    plan = LocalRound(
+        epochs=request.local_epochs,
+        batch_size=request.batch_size,
+        dp=dp,
+        device=resolve_device(device),
+        seed=seed if seed is not None else int(torch.seed() % 2**31),
+        proximal_mu=request.proximal_mu,
+        phase=request.phase,
+        statistics=_decoded_statistics(request, schema),
+        stand_ins=decode_stand_ins(request.stand_ins, encoder.width) if request.stand_ins else None,
+    )
+    with_weeks = model_class.kind in WEEK_KINDS and schema.sequence is not None
+    report = model.fit_round(local_data(cohort, encoder, with_weeks=with_weeks), plan)
     return model.state_dict(), report
 
 

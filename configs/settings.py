@@ -10,9 +10,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from configs.errors import ConfigError, format_validation_error
+from configs.plan import StageSpec, plan_problems
 from configs.schema import CohortSchema, load_schema, read_toml
 
 DEFAULT_SETTINGS_PATH = Path(__file__).with_name("demo.toml")
@@ -22,31 +23,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SequenceRounds(_Section):
-    """Rounds of each TimeGAN phase, run in this order."""
-
-    embedding: int = Field(ge=0)
-    supervised: int = Field(ge=0)
-    joint: int = Field(ge=0)
-
-    def plan(self) -> list[tuple[str, int]]:
-        return [(phase, rounds) for phase, rounds in self.model_dump().items() if rounds > 0]
-
-    @property
-    def total(self) -> int:
-        return self.embedding + self.supervised + self.joint
-
-
 class FederationSettings(_Section):
     hospitals: int = Field(ge=1, le=1000)
     patients: int = Field(ge=10)
     partition: Literal["iid", "non-iid"]
     dirichlet_alpha: float = Field(gt=0)
-    rounds: int = Field(ge=1)
     local_epochs: int = Field(ge=1)
     batch_size: int = Field(ge=2)
     seed: int = Field(ge=0)
-    sequence_rounds: SequenceRounds
     round_timeout_s: float = Field(gt=0)
     min_replies: int = Field(ge=1)
 
@@ -56,19 +40,23 @@ class PrivacySettings(_Section):
     max_epsilon: float = Field(gt=0, le=100)
     delta: float = Field(gt=0, lt=1)
     clipping_norm: float = Field(gt=0)
+    # Share of max_epsilon the handshake's DP statistics spend; each stage declares its own share.
     statistics_epsilon_share: float = Field(gt=0, lt=1)
-    sequence_epsilon_share: float = Field(ge=0, lt=1)
 
 
 class ModelSettings(_Section):
+    """`[model.<name>]` tables: each model's parameters (validated by that model's own Config)."""
+
     model_config = ConfigDict(extra="allow", frozen=True)
-    generator: str = Field(min_length=1)
-    sequence: str = ""
 
     def params_for(self, name: str) -> dict[str, Any]:
-        """The raw `[model.<name>]` table (validated by that model's own config class)."""
+        """The raw `[model.<name>]` table ({} when the file has none)."""
         extra = self.model_extra or {}
-        return dict(extra.get(name, {}))
+        value = extra.get(name, {})
+        return dict(value) if isinstance(value, dict) else value
+
+    def tables(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class SADQCSettings(_Section):
@@ -107,6 +95,7 @@ class RunSettings(_Section):
 
     schema_path: Path = Field(alias="schema")
     federation: FederationSettings
+    stages: list[StageSpec]
     privacy: PrivacySettings
     model: ModelSettings
     runtime: RuntimeSettings
@@ -117,23 +106,19 @@ class RunSettings(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="after")
-    def _check_model_table(self) -> RunSettings:
-        from models.registry import get_model_class  # local: configs must not import torch early
+    def _check_plan(self) -> RunSettings:
+        from models.registry import registered_models  # local: configs must not import torch early
 
-        for key, name in (("generator", self.model.generator), ("sequence", self.model.sequence)):
-            if not name:
-                continue
-            try:
-                model_class = get_model_class(name)
-            except KeyError as err:
-                raise ValueError(f"model.{key}: {err.args[0]}") from None
-            try:
-                model_class.Config.model_validate(self.model.params_for(name))
-            except ValidationError as err:  # name the dotted key, e.g. model.dp-ctgan.generator_lr
-                problems = "; ".join(
-                    f"model.{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()
+        allowed = registered_models()
+        for key, value in self.model.tables().items():
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"model.{key} = {value!r}: models are chosen in the run plan ([[stages]] model = ...), "
+                    f"and [model.<name>] holds a model's parameters; allowed models: {allowed}"
                 )
-                raise ValueError(problems) from None
+        problems = plan_problems(self.stages, self.privacy.statistics_epsilon_share, self.model.tables())
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def load_schema(self) -> CohortSchema:
@@ -142,22 +127,40 @@ class RunSettings(_Section):
     def to_toml_dict(self) -> dict[str, Any]:
         """The settings as a TOML-shaped dict (round-trips through `settings_from_dict`)."""
         data = self.model_dump(mode="json", by_alias=True)
-        data["model"] = {
-            "generator": self.model.generator,
-            "sequence": self.model.sequence,
-            **(self.model.model_extra or {}),
-        }
+        data["model"] = self.model.tables()
         return data
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`overlay` laid over `base`; a table over a list of stages addresses them by index or model."""
     merged = copy.deepcopy(base)
     for key, value in overlay.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
+        elif isinstance(value, dict) and isinstance(merged.get(key), list):
+            merged[key] = _merge_into_list(key, merged[key], value)
         else:
             merged[key] = value
     return merged
+
+
+def _merge_into_list(name: str, items: list[Any], overlay: dict[str, Any]) -> list[Any]:
+    """`stages.0.rounds=2`, `stages.timegan.phases.joint=1`: the item by position or by model;
+    `stages.timegan=false` leaves that item out."""
+    models = [item.get("model") if isinstance(item, dict) else None for item in items]
+    dropped: set[int] = set()
+    for key, value in overlay.items():
+        index = int(key) if key.isdigit() else (models.index(key) if key in models else None)
+        if index is None or index >= len(items) or not (isinstance(value, dict) or value is False):
+            raise ConfigError(
+                f"override '{name}.{key}': no such entry (give a position 0-{len(items) - 1} or one of "
+                f"{[m for m in models if m]}, then a key, e.g. {name}.0.rounds=3, or =false to leave it out)"
+            )
+        if value is False:
+            dropped.add(index)
+        else:
+            items[index] = deep_merge(items[index], value)
+    return [item for index, item in enumerate(items) if index not in dropped]
 
 
 def _nest(dotted: dict[str, Any]) -> dict[str, Any]:

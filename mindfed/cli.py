@@ -54,7 +54,7 @@ def _user_errors(*extra: type[Exception]) -> Iterator[None]:
     from configs.errors import ConfigError
     from models.bundle import BundleError
     from server.checkpoint import CheckpointError
-    from server.phases import HandshakeError
+    from server.handshake import HandshakeError
 
     known = (
         ConfigError,
@@ -77,7 +77,9 @@ def simulate(
         Path | None, typer.Option(help="TOML settings file laid over the demo defaults.")
     ] = None,
     hospitals: Annotated[int | None, typer.Option(min=1, help="Number of simulated hospitals.")] = None,
-    rounds: Annotated[int | None, typer.Option(min=1, help="Federated training rounds.")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(min=1, help="Rounds of the first stage (the static generator).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("mindfed-out"),
     seed: Annotated[int | None, typer.Option(min=0, help="Seed for cohort, partition and training.")] = None,
     cohort: Annotated[
@@ -96,7 +98,7 @@ def simulate(
         key: value
         for key, value in {
             "federation.hospitals": hospitals,
-            "federation.rounds": rounds,
+            "stages.0.rounds": rounds,
             "federation.seed": seed,
         }.items()
         if value is not None

@@ -32,7 +32,9 @@ def sha256_file(path: Path) -> str:
 def save_bundle(folder: Path, *, model: Any, card: dict[str, Any]) -> dict[str, Any]:
     """Write the bundle whole or not at all; the card records each file's SHA-256."""
     with atomic_directory(folder) as staging:
-        tensors = {k: v.contiguous() for k, v in model.sampler_state_dict().items()}
+        # Generators export their sampler only (no discriminator); a risk model its whole state.
+        exported = model.sampler_state_dict() if hasattr(model, "sampler_state_dict") else model.state_dict()
+        tensors = {k: v.contiguous() for k, v in exported.items()}
         save_file(tensors, str(staging / WEIGHTS_FILE))
         (staging / ENCODER_FILE).write_text(model.encoder.to_json(), encoding="utf-8")
         schema_json = json.dumps(model.encoder.schema.model_dump(mode="json"), indent=2)
@@ -52,6 +54,7 @@ def save_bundle(folder: Path, *, model: Any, card: dict[str, Any]) -> dict[str, 
 
 
 SEQUENCE_BUNDLE = "sequence"  # sub-folder holding the linked sequence model, when there is one
+RISK_BUNDLE = "risk"  # sub-folder holding one bundle per trained risk model
 
 
 def synthetic_ids(n: int) -> list[str]:

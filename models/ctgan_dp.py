@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -14,12 +13,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from models.base import FitReport, LocalData, LocalRound, ModelKind
 from models.encoder import EncoderError, TabularEncoder
+from models.numeric_moments import numeric_correlations
 from models.pairs import PAIR_SEPARATOR
-from models.registry import register
+from models.releases.numeric import NUMERIC_MOMENTS
 from models.runtime import autocast_for
-from privacy.facade import make_private, prepare_module, steps_per_epoch
-from privacy.ledger import PrivacyLedger
+from privacy.dp_training import DPSpec, add_proximal_pull, dp_training
+from privacy.facade import prepare_module
 
 logger = logging.getLogger(__name__)
 
@@ -27,37 +28,6 @@ logger = logging.getLogger(__name__)
 _GUMBEL_TAU = 0.2
 
 
-@dataclass
-class DPSpec:
-    """How the discriminator is privatised: sigma, clipping norm (L2), and whose ledger pays."""
-
-    noise_multiplier: float
-    clipping_norm: float
-    ledger: PrivacyLedger
-    label: str = "dp-ctgan"
-
-
-@dataclass
-class FitReport:
-    """Mergeable sums and counts from one local fit (averages are derived, not sent)."""
-
-    steps: int = 0
-    records_seen: int = 0
-    discriminator_loss_sum: float = 0.0
-    generator_loss_sum: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
-
-    def as_metrics(self) -> dict[str, float]:
-        return {
-            "steps": float(self.steps),
-            "records-seen": float(self.records_seen),
-            "discriminator-loss-sum": self.discriminator_loss_sum,
-            "generator-loss-sum": self.generator_loss_sum,
-            **self.extra,
-        }
-
-
-@register("dp-ctgan")
 class DPCTGAN:
     """Conditional tabular GAN (CTGAN-style) whose only record-seeing module is DP-trained.
 
@@ -66,6 +36,9 @@ class DPCTGAN:
     """
 
     registry_name = "dp-ctgan"
+    kind = ModelKind.FEDERATED_GENERATOR
+    releases = (NUMERIC_MOMENTS,)  # its pair loss follows the DP numeric moments
+    phases = ()
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
@@ -207,6 +180,20 @@ class DPCTGAN:
         return ((ordered - target[:, None]) ** 2).mean()
 
     # ---------------------------------------------------------------- training
+    def fit_round(self, data: LocalData, plan: LocalRound) -> FitReport:
+        """One federated round: `fit` on the members' profiles, pair targets from the DP moments."""
+        products = plan.statistics.get(NUMERIC_MOMENTS)
+        return self.fit(
+            data.profiles,
+            epochs=plan.epochs,
+            batch_size=plan.batch_size,
+            dp=plan.dp,
+            device=plan.device,
+            seed=plan.seed,
+            pair_targets=None if products is None else numeric_correlations(products, self.encoder.schema),
+            proximal_mu=plan.proximal_mu,
+        )
+
     def fit(
         self,
         data: np.ndarray,
@@ -217,6 +204,7 @@ class DPCTGAN:
         device: torch.device,
         seed: int,
         pair_targets: dict[str, float] | None = None,
+        proximal_mu: float = 0.0,
     ) -> FitReport:
         """Local training on encoded rows; DP-SGD on the discriminator when `dp` is given.
 
@@ -233,46 +221,30 @@ class DPCTGAN:
             discriminator.parameters(), lr=self.config.discriminator_lr, betas=(0.5, 0.9)
         )
         loader = DataLoader(TensorDataset(torch.from_numpy(data)), batch_size=batch_size)
-        if dp is not None:
-            planned = epochs * steps_per_epoch(len(data), batch_size)
-            dp.ledger.check(
-                dp.label,
-                noise_multiplier=dp.noise_multiplier,
-                sample_rate=1 / len(loader),
-                steps=planned,
-            )
-            private = make_private(
-                module=discriminator,
-                optimizer=opt_d,
-                data_loader=loader,
-                noise_multiplier=dp.noise_multiplier,
-                clipping_norm=dp.clipping_norm,
-                ledger=dp.ledger,
-            )
-            discriminator, opt_d, loader = private.module, private.optimizer, private.data_loader
         report = FitReport()
-        for _ in range(epochs):
-            for (real,) in loader:
-                real = real.to(device)
-                report.discriminator_loss_sum += self._discriminator_step(
-                    discriminator, opt_d, real, batch_size, rng, cond_rng, device
-                )
-                for _ in range(self.config.generator_steps):
-                    report.generator_loss_sum += self._generator_step(
-                        discriminator, opt_g, opt_d, batch_size, rng, device
+        with dp_training(
+            module=discriminator,
+            optimizer=opt_d,
+            data_loader=loader,
+            dp=dp,
+            epochs=epochs,
+            proximal_mu=proximal_mu,
+        ) as session:
+            add_proximal_pull(opt_g, [p.detach().clone() for p in generator.parameters()], proximal_mu)
+            for _ in range(epochs):
+                for (real,) in session.data_loader:
+                    real = real.to(device)
+                    report.discriminator_loss_sum += self._discriminator_step(
+                        session.module, session.optimizer, real, batch_size, rng, cond_rng, device
                     )
-                report.steps += 1
-                report.records_seen += real.shape[0]
-        if dp is not None:
-            dp.ledger.record_training(
-                dp.label,
-                noise_multiplier=dp.noise_multiplier,
-                sample_rate=1 / len(loader),
-                steps=report.steps,
-            )
-            # Unwrap (hooks off): the federation averages the plain module's weights.
-            discriminator.remove_hooks()
-            self.discriminator = discriminator._module
+                    for _ in range(self.config.generator_steps):
+                        report.generator_loss_sum += self._generator_step(
+                            session.module, opt_g, session.optimizer, batch_size, rng, device
+                        )
+                    report.steps += 1
+                    report.records_seen += real.shape[0]
+        # The plain module (hooks off): the federation averages its weights.
+        self.discriminator = session.module
         self.generator, self.discriminator = generator.cpu(), self.discriminator.cpu()
         return report
 

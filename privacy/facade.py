@@ -41,9 +41,27 @@ def prepare_module(module: nn.Module) -> nn.Module:
     return fixed
 
 
+def opacus_steps_per_epoch(n_batches: int) -> int:
+    """Batches Opacus's DPDataLoader really draws per epoch for a loader of `n_batches` batches.
+
+    Opacus samples at q = 1 / n_batches and its DPDataLoader draws int(1 / q) batches, which is
+    n_batches - 1 for some sizes (93, 99, 105, ...) through floating point; its accountant then
+    charges every step at 1 / len(DPDataLoader). Budget checks and noise calibration must use
+    these figures, or the ledger is charged for other steps than were checked (k = 93: 92 steps
+    at q = 1/92 where 93 at 1/93 were checked).
+    """
+    return int(1 / (1 / n_batches))
+
+
+def planned_steps(n_records: int, batch_size: int) -> tuple[float, int]:
+    """(sample rate, DP-SGD steps per epoch) that Opacus's accountant will charge for this many records."""
+    steps = opacus_steps_per_epoch(max(1, math.ceil(n_records / batch_size)))
+    return 1.0 / steps, steps
+
+
 def steps_per_epoch(n_records: int, batch_size: int) -> int:
-    """Opacus draws one Poisson batch per step with sample rate 1 / steps_per_epoch."""
-    return max(1, math.ceil(n_records / batch_size))
+    """DP-SGD steps Opacus takes per epoch over `n_records` (see `opacus_steps_per_epoch`)."""
+    return planned_steps(n_records, batch_size)[1]
 
 
 def make_private(
@@ -81,7 +99,7 @@ def make_private(
         module=private_module,
         optimizer=private_optimizer,
         data_loader=private_loader,
-        sample_rate=1.0 / len(data_loader),
+        sample_rate=1.0 / len(private_loader),  # what Opacus's accountant hook charges
         noise_multiplier=noise_multiplier,
     )
 

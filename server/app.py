@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from configs.settings import settings_from_run_config
-from server.phases import run_federation
+from server.federation import run_federation
 
 logger = logging.getLogger(__name__)
 

@@ -15,13 +15,14 @@ from flwr.serverapp import Grid
 
 from configs.schema import CohortSchema
 from configs.settings import AuditSettings
+from configs.wire import FEDERATION_ID
 from models.encoder import TabularEncoder
 from models.pairs import association_differences
 from models.statistics import Histograms
 from privacy.attacks import FPR_GRID
 from privacy.storage import atomic_write_text
 from server.report import GateThresholds, ReportResult, write_report
-from strategies.fedavg import FEDERATION_ID, hospital_of
+from strategies.rounds import hospital_of
 
 logger = logging.getLogger(__name__)
 

@@ -17,15 +17,16 @@ from safetensors.numpy import load_file, save_file
 
 from configs.settings import RunSettings
 from server.export import HospitalSummary
-from strategies.fedavg import RoundLog
+from strategies.rounds import RoundLog
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
-# 2: the handshake's numeric moments, six sequence-moment blocks, TimeGAN's week noise and
-# linear link prior (a version-1 checkpoint cannot be resumed by this code).
-CHECKPOINT_VERSION = 2
+# 3: the handshake's DP statistics stored per release (`models.releases`), the run plan's stages
+# (2: numeric moments, six sequence-moment blocks; 1: before them). Older ones cannot be resumed.
+CHECKPOINT_VERSION = 3
 STATE_FILE = "checkpoint.json"
+RELEASE_PREFIX = "release."  # statistics files, apart from the models' weights
 # Knobs that may change between a crash and its resume: they steer operations, not results.
 OPERATIONAL_SETTINGS = ("federation.round_timeout_s", "federation.min_replies", "runtime.")
 
@@ -53,7 +54,7 @@ class RunProgress(BaseModel):
     total_rounds_done: int
     hospitals: dict[str, dict[str, Any]]  # hospital name -> its HospitalSummary at the handshake
     refusals: list[dict[str, Any]]
-    moments_json: str | None
+    releases: list[str]  # the handshake's DP releases, each stored as `release.<name>`
     controller: dict[str, Any] | None  # SA-DQC state of the static generator's stage
     round_logs: list[dict[str, Any]]
     stage_scores: dict[str, dict[str, float]]
@@ -138,20 +139,21 @@ def save_checkpoint(
     """Write `out_dir/checkpoint/` whole: a crash mid-write leaves the previous checkpoint intact.
 
     `weights`: name -> arrays (e.g. "dp-ctgan", "dp-ctgan.best", "timegan"); `statistics`:
-    name -> DP histograms, pair tables or numeric moments from the handshake. Each goes to its own safetensors
+    release name -> its merged DP statistic as arrays (`Release.to_arrays`). Each goes to its own safetensors
     file; the key order is kept in the JSON so arrays come back in the order models expect.
     """
     from privacy.storage import atomic_directory
 
     folder = Path(out_dir) / CHECKPOINT_DIR
     order = {name: list(arrays.keys()) for name, arrays in weights.items()}
-    order |= {name: list(tables) for name, tables in statistics.items()}
+    order |= {RELEASE_PREFIX + name: list(tables) for name, tables in statistics.items()}
     with atomic_directory(folder) as staging:
         for name, arrays in weights.items():
             save_file(_arrays_to_numpy(arrays), str(staging / f"{name}.safetensors"))
         for name, tables in statistics.items():
             save_file(
-                {k: np.array(v, order="C") for k, v in tables.items()}, str(staging / f"{name}.safetensors")
+                {k: np.array(v, order="C") for k, v in tables.items()},
+                str(staging / f"{RELEASE_PREFIX}{name}.safetensors"),
             )
         payload = progress.model_dump(mode="json") | {"array_order": order}
         (staging / STATE_FILE).write_text(json.dumps(payload, indent=1), encoding="utf-8")
@@ -170,9 +172,11 @@ class Checkpoint:
     def weights(self, name: str) -> ArrayRecord:
         return _numpy_to_arrays(self._load(name), self._order[name])
 
-    def statistics(self, name: str) -> dict[str, np.ndarray]:
+    def statistics(self, release: str) -> dict[str, np.ndarray]:
+        """A DP release's merged statistic as it was saved (arrays, see `Release.from_arrays`)."""
+        name = RELEASE_PREFIX + release
         if name not in self._order:
-            raise CheckpointError(f"checkpoint has no '{name}' statistics (written by an older MindFed?)")
+            raise CheckpointError(f"checkpoint has no '{release}' statistics (written by an older MindFed?)")
         tensors = self._load(name)
         return {key: tensors[key] for key in self._order[name]}
 

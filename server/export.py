@@ -14,10 +14,10 @@ import pandas as pd
 
 from configs.settings import RunSettings
 from mindfed import __version__
-from models.bundle import SEQUENCE_BUNDLE, save_bundle
+from models.bundle import RISK_BUNDLE, SEQUENCE_BUNDLE, save_bundle
 from models.statistics import Histograms, column_shape_vs_reference, mean_score
 from privacy.storage import atomic_write_text, atomic_write_with
-from strategies.fedavg import RoundLog
+from strategies.rounds import RoundLog
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +78,71 @@ def _round_rows(rounds: list[RoundLog], stage_scores: dict[str, dict[int, float]
     return rows
 
 
+def _model_card(
+    model: Any,
+    settings: RunSettings,
+    hospitals: list[dict[str, Any]],
+    rounds: list[RoundLog],
+    final: dict[str, Any],
+    ledger: list[Any],
+) -> dict[str, Any]:
+    """The model card's own fields; `save_bundle` adds the model, hashes and file digests."""
+    return {
+        "name": f"mindfed-{model.registry_name}",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {
+            "mindfed": __version__,
+            **{p: version(p) for p in ("flwr", "opacus", "torch", "ctgan")},
+        },
+        "privacy": {
+            "accountant": "Opacus RDP, one accountant per hospital composing all charges",
+            "clipping_norm": settings.privacy.clipping_norm,
+            "hospitals": [
+                {k: h[k] for k in ("hospital", "epsilon", "delta", "max_epsilon", "rounds_trained")}
+                for h in hospitals
+            ],
+            # every charge each hospital's accountant recorded (as the hospital reported it)
+            "ledger": ledger,
+        },
+        "training": {
+            "stages": {
+                stage: {
+                    "rounds": sum(log.stage == stage for log in rounds),
+                    "rounds_aggregated": sum(log.aggregated for log in rounds if log.stage == stage),
+                }
+                for stage in dict.fromkeys(log.stage for log in rounds)
+            },
+            "local_epochs": settings.federation.local_epochs,
+            "batch_size": settings.federation.batch_size,
+            "hospitals": len(hospitals),
+        },
+        "metrics": final,
+    }
+
+
+def _save_bundles(
+    out_dir: Path, model: Any, sequence_model: Any | None, risk_models: list[Any], card: dict[str, Any]
+) -> dict[str, Any]:
+    """The generator's bundle, the sequence model's and each risk model's nested in it; returns the
+    generator's saved card."""
+    card = save_bundle(out_dir / BUNDLE_DIR, model=model, card=card)
+    nested = [(SEQUENCE_BUNDLE, sequence_model)] if sequence_model is not None else []
+    nested += [(f"{RISK_BUNDLE}/{risk.registry_name}", risk) for risk in risk_models]
+    for folder, inner in nested:
+        save_bundle(
+            out_dir / BUNDLE_DIR / folder,
+            model=inner,
+            card={**card, "name": f"mindfed-{inner.registry_name}"},
+        )
+    return card
+
+
 def export_run(
     out_dir: Path,
     *,
     model: Any,
     sequence_model: Any | None,
+    risk_models: list[Any] | None = None,
     settings: RunSettings,
     synthetic: pd.DataFrame,
     timeseries: pd.DataFrame | None,
@@ -103,44 +163,14 @@ def export_run(
         "column_shape_per_column": per_column,
         "synthetic_rows": len(synthetic),
     }
-    card = {
-        "name": f"mindfed-{model.registry_name}",
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": {
-            "mindfed": __version__,
-            **{p: version(p) for p in ("flwr", "opacus", "torch", "ctgan")},
-        },
-        "privacy": {
-            "accountant": "Opacus RDP, one accountant per hospital composing all charges",
-            "clipping_norm": settings.privacy.clipping_norm,
-            "hospitals": [
-                {k: h[k] for k in ("hospital", "epsilon", "delta", "max_epsilon", "rounds_trained")}
-                for h in hospitals
-            ],
-            # every charge each hospital's accountant recorded (as the hospital reported it)
-            "ledger": (extra_metrics or {}).get("ledger", []),
-        },
-        "training": {
-            "stages": {
-                stage: {
-                    "rounds": sum(log.stage == stage for log in rounds),
-                    "rounds_aggregated": sum(log.aggregated for log in rounds if log.stage == stage),
-                }
-                for stage in dict.fromkeys(log.stage for log in rounds)
-            },
-            "local_epochs": settings.federation.local_epochs,
-            "batch_size": settings.federation.batch_size,
-            "hospitals": len(hospitals),
-        },
-        "metrics": final,
-    }
-    card = save_bundle(out_dir / BUNDLE_DIR, model=model, card=card)
-    if sequence_model is not None:
-        save_bundle(
-            out_dir / BUNDLE_DIR / SEQUENCE_BUNDLE,
-            model=sequence_model,
-            card={**card, "name": f"mindfed-{sequence_model.registry_name}"},
-        )
+    ledger = (extra_metrics or {}).get("ledger", [])
+    card = _save_bundles(
+        out_dir,
+        model,
+        sequence_model,
+        list(risk_models or []),
+        _model_card(model, settings, hospitals, rounds, final, ledger),
+    )
     atomic_write_with(out_dir / SYNTHETIC_STATIC, lambda tmp: synthetic.to_csv(tmp, index=False))
     if timeseries is not None:
         atomic_write_with(out_dir / SYNTHETIC_TIMESERIES, lambda tmp: timeseries.to_csv(tmp, index=False))

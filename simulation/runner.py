@@ -83,8 +83,8 @@ def _sequence_check(
     demo: DemoCohort, synthetic: pd.DataFrame, weeks: pd.DataFrame, settings: RunSettings
 ) -> dict[str, float]:
     """TimeGAN fidelity metrics of the released weeks against the whole demo cohort."""
+    from models.sequence.encoder import SequenceEncoder
     from models.sequence_metrics import evaluate_sequences
-    from models.timegan import SequenceEncoder
 
     schema = settings.load_schema()
     encoder = SequenceEncoder.from_schema(schema)

@@ -1,1 +1,1 @@
-"""Aggregation strategies: FedAvg wrappers with update validation."""
+"""Aggregation strategies: a validating wrapper around Flower's FedAvg, FedProx and FedAdam."""

@@ -140,13 +140,73 @@ def test_server_side_never_reaches_the_client_package(graph: dict[str, set[str]]
 
 def test_every_server_module_is_checked(graph: dict[str, set[str]]) -> None:
     server_modules = {m for m in graph if m.startswith("server.")}
-    assert {"server.app", "server.phases", "server.export"} <= server_modules
+    assert {"server.app", "server.federation", "server.export"} <= server_modules
     # server.app really is the root of a large graph (the walk is not trivially empty).
     reachable = {m for m in graph if import_chain(graph, "server.app", lambda x, m=m: x == m)}
-    assert {"server.phases", "strategies.fedavg", "configs.settings", "models.registry"} <= reachable
+    assert {"server.federation", "strategies.validating", "configs.settings", "models.registry"} <= reachable
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan): each is an import cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for nxt in sorted(graph.get(module, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[module] = min(low[module], low[nxt])
+            elif nxt in on_stack:
+                low[module] = min(low[module], index[nxt])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_no_import_cycle_among_the_projects_modules(graph: dict[str, set[str]]) -> None:
+    assert import_cycles(graph) == []
+
+
+def test_model_registry_is_a_leaf(graph: dict[str, set[str]]) -> None:
+    # Built-in models are named by import path, so the registry imports none of them.
+    assert graph["models.registry"] <= {"models"}, graph["models.registry"]
 
 
 # --- positive controls: the checker can fail ------------------------------------------------
+
+
+def test_positive_control_cycle_is_found(tmp_path: Path) -> None:
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/a.py": "from pkg import b\n",
+        "pkg/b.py": "def f():\n    from pkg.c import g\n",
+        "pkg/c.py": "import pkg.a\n",
+        "pkg/d.py": "import pkg.a\n",
+    }
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert import_cycles(build_import_graph(tmp_path, ("pkg",))) == [["pkg.a", "pkg.b", "pkg.c"]]
 
 
 def test_positive_control_client_app_reaches_client_data(graph: dict[str, set[str]]) -> None:
@@ -200,7 +260,7 @@ def test_importing_the_server_app_loads_no_client_module() -> None:
         "assert 'client.data' not in sys.modules, 'client.data imported'\n"
         "leaked = sorted(m for m in sys.modules if m == 'client' or m.startswith('client.'))\n"
         "assert not leaked, leaked\n"
-        "assert 'server.phases' in sys.modules\n"
+        "assert 'server.federation' in sys.modules\n"
     )
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(

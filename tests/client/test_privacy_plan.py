@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from client.tasks import TrainRequest, fits_target, plan_noise_multiplier, plan_target_epsilon
+from client.tasks import fits_target, plan_noise_multiplier, plan_target_epsilon
+from configs.wire import TrainRequest
 from privacy.facade import steps_per_epoch
 from privacy.ledger import PrivacyLedger
 
@@ -14,12 +15,13 @@ BATCH = 50
 
 def _request(rounds_remaining: int) -> TrainRequest:
     return TrainRequest(
-        model_name="dp-ctgan",
+        model="dp-ctgan",
         model_params={},
         encoder_json="{}",
         encoder_hash="",
         server_round=1,
-        rounds_remaining=rounds_remaining,
+        model_rounds=rounds_remaining,
+        rounds_before=0,
         budget_share=0.5,
         local_epochs=1,
         batch_size=BATCH,

@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from client.data import Cohort
-from client.tasks import TrainRequest, _pair_targets, train_round
+from client.tasks import train_round
 from configs.settings import load_settings
+from configs.wire import TrainRequest
 from models.encoder import EncoderError, TabularEncoder
+from models.releases.base import encode_arrays
+from models.sequence.stand_ins import encode_stand_ins
+from models.sequence.timegan import TimeGAN
 from models.statistics import histogram_counts
-from models.timegan import TimeGAN, encode_stand_ins
 from privacy.ledger import PrivacyLedger
 from simulation.cohort import generate_demo_cohort
 
@@ -31,30 +34,36 @@ def setup() -> tuple[Cohort, TabularEncoder, TimeGAN]:
     return cohort, encoder, TimeGAN(encoder, SMALL, seed=0)
 
 
-def _joint_request(encoder: TabularEncoder, stand_ins: bytes) -> TrainRequest:
+def _joint_request(encoder: TabularEncoder, stand_ins: bytes, statistics: dict[str, bytes]) -> TrainRequest:
     return TrainRequest(
-        model_name="timegan",
+        model="timegan",
         model_params=SMALL,
         encoder_json=encoder.to_json(),
         encoder_hash=encoder.hash,
         server_round=1,
-        rounds_remaining=1,
+        model_rounds=1,
+        rounds_before=0,
         budget_share=1.0,
         local_epochs=1,
         batch_size=20,
         seed=0,
         phase="joint",
-        moments_json="",
-        stand_ins_npy=stand_ins,
+        stand_ins=stand_ins,
+        statistics=statistics,
     )
 
 
-def _round(setup: tuple[Cohort, TabularEncoder, TimeGAN], stand_ins: bytes, ledger: PrivacyLedger):
+def _round(
+    setup: tuple[Cohort, TabularEncoder, TimeGAN],
+    stand_ins: bytes,
+    ledger: PrivacyLedger,
+    statistics: dict[str, bytes] | None = None,
+):
     cohort, encoder, model = setup
     return train_round(
         cohort,
         load_settings(),
-        _joint_request(encoder, stand_ins),
+        _joint_request(encoder, stand_ins, statistics or {}),
         state=model.state_dict(),
         ledger=ledger,
         noise_multiplier=1.0,
@@ -85,12 +94,21 @@ def test_malformed_stand_ins_are_refused_before_anything_is_charged(setup, blob)
     assert ledger.entries == [] and ledger.spent() == 0.0
 
 
-@pytest.mark.parametrize("text", ["{not json", "[0.1, 0.2]", '{"age|bmi": "high"}', '{"age|bmi": true}'])
-def test_malformed_pair_correlations_are_refused_by_name(text: str) -> None:
-    with pytest.raises(EncoderError, match="pair correlations"):
-        _pair_targets(text)
-
-
-def test_pair_correlations_are_read_as_floats() -> None:
-    assert _pair_targets('{"age|bmi": 1}') == {"age|bmi": 1.0}
-    assert _pair_targets("") is None
+@pytest.mark.parametrize(
+    "statistics",
+    [
+        {"sequence-moments": b"not an npz"},
+        {"sequence-moments": encode_arrays({"sums": np.zeros((7, 5))})},
+        {"no-such-release": encode_arrays({"x": np.zeros(1)})},
+    ],
+    ids=["not-npz", "incomplete", "unknown"],
+)
+def test_malformed_statistics_from_the_server_are_refused_before_anything_is_charged(
+    setup, statistics
+) -> None:
+    *_, model = setup
+    ledger = PrivacyLedger(max_epsilon=1e3, delta=1e-5)
+    pool = encode_stand_ins(model.public_conditions(40, np.random.default_rng(1)))
+    with pytest.raises(EncoderError, match="the server's statistics are unusable"):
+        _round(setup, pool, ledger, statistics)
+    assert ledger.entries == [] and ledger.spent() == 0.0

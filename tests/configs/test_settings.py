@@ -49,7 +49,7 @@ def test_defaults_match_demo_toml() -> None:
     assert s.federation.patients == 4000
     assert s.federation.partition == "non-iid"
     assert s.federation.dirichlet_alpha == 1.0
-    assert s.federation.rounds == 12
+    assert s.stages[0].rounds == 12
     assert s.federation.local_epochs == 1
     assert s.federation.batch_size == 64
     assert s.federation.seed == 7
@@ -59,7 +59,7 @@ def test_defaults_match_demo_toml() -> None:
     assert s.privacy.delta == 1e-5
     assert s.privacy.clipping_norm == 1.0
     assert s.privacy.statistics_epsilon_share == 0.2
-    assert s.model.generator == "dp-ctgan"
+    assert [stage.model for stage in s.stages] == ["dp-ctgan", "timegan"]
     params = s.model.params_for("dp-ctgan")
     assert params["embedding_dim"] == 64
     assert params["generator_dims"] == [128, 128]
@@ -84,11 +84,11 @@ def test_passing_the_demo_file_itself_equals_the_defaults() -> None:
 def test_settings_are_frozen() -> None:
     s = load_settings()
     with pytest.raises(ValidationError):
-        s.federation.rounds = 3  # type: ignore[misc]
+        s.federation.local_epochs = 3  # type: ignore[misc]
 
 
 def test_to_toml_dict_round_trips() -> None:
-    s = load_settings(None, {"federation.rounds": 2, "model.dp-ctgan.embedding_dim": 16})
+    s = load_settings(None, {"federation.local_epochs": 2, "model.dp-ctgan.embedding_dim": 16})
     again = settings_from_dict(s.to_toml_dict(), source="round-trip", base_dir=Path("/nonexistent"))
     assert again == s
     assert again.model.params_for("dp-ctgan")["embedding_dim"] == 16
@@ -96,8 +96,8 @@ def test_to_toml_dict_round_trips() -> None:
 
 # ---------------------------------------------------------------- parse_overrides
 def test_parse_overrides_reads_toml_literals() -> None:
-    assert parse_overrides("federation.rounds=3 privacy.max_epsilon=4.0") == {
-        "federation.rounds": 3,
+    assert parse_overrides("federation.local_epochs=3 privacy.max_epsilon=4.0") == {
+        "federation.local_epochs": 3,
         "privacy.max_epsilon": 4.0,
     }
     parsed = parse_overrides(
@@ -120,15 +120,15 @@ def test_parse_overrides_of_empty_text_is_empty() -> None:
     assert parse_overrides("   ") == {}
 
 
-@pytest.mark.parametrize("text", ["federation.rounds", "=3", "federation.rounds=3 oops"])
+@pytest.mark.parametrize("text", ["federation.local_epochs", "=3", "federation.local_epochs=3 oops"])
 def test_parse_overrides_rejects_items_without_key_and_value(text: str) -> None:
     with pytest.raises(ConfigError, match=r"is not of the form section\.key=value"):
         parse_overrides(text)
 
 
 def test_overrides_are_applied_over_the_defaults() -> None:
-    s = load_settings(None, parse_overrides("federation.rounds=3 privacy.max_epsilon=4.0"))
-    assert s.federation.rounds == 3
+    s = load_settings(None, parse_overrides("federation.local_epochs=3 privacy.max_epsilon=4.0"))
+    assert s.federation.local_epochs == 3
     assert s.privacy.max_epsilon == 4.0
     defaults = load_settings()
     assert s.federation.hospitals == defaults.federation.hospitals
@@ -147,12 +147,14 @@ def test_model_param_override_is_applied() -> None:
 
 
 def test_override_into_a_scalar_is_rejected() -> None:
-    with pytest.raises(ConfigError, match=r"override 'federation\.rounds\.x': 'rounds' is not a table"):
-        load_settings(None, {"federation.rounds": 3, "federation.rounds.x": 1})
+    with pytest.raises(
+        ConfigError, match=r"override 'federation\.local_epochs\.x': 'local_epochs' is not a table"
+    ):
+        load_settings(None, {"federation.local_epochs": 3, "federation.local_epochs.x": 1})
 
 
 WRONG_OVERRIDES = [
-    ("federation.rounds=0", "federation.rounds"),
+    ("federation.local_epochs=0", "federation.local_epochs"),
     ("federation.hospitals=0", "federation.hospitals"),
     ("federation.batch_size=1", "federation.batch_size"),
     ("federation.dirichlet_alpha=0", "federation.dirichlet_alpha"),
@@ -161,7 +163,7 @@ WRONG_OVERRIDES = [
     ("privacy.statistics_epsilon_share=1.0", "privacy.statistics_epsilon_share"),
     ('federation.partition="weird"', "federation.partition"),
     ("federation.partition=weird", "federation.partition"),
-    ("federation.rounds=three", "federation.rounds"),
+    ("federation.local_epochs=three", "federation.local_epochs"),
     ("federation.bogus=1", "federation.bogus"),
     ("bogus.key=1", "bogus"),
     ("runtime.device=tpu", "runtime.device"),
@@ -185,7 +187,7 @@ def test_wrong_override_names_the_dotted_key(text: str, key: str) -> None:
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ("federation.rounds=0", "federation.rounds"),
+        ("federation.local_epochs=0", "federation.local_epochs"),
         ("privacy.delta=2", "privacy.delta"),
         ("federation.partition=weird", "federation.partition"),
     ],
@@ -198,9 +200,9 @@ def test_wrong_override_problem_line_starts_with_the_key(text: str, key: str) ->
 
 # ---------------------------------------------------------------- user TOML files
 def test_user_file_is_laid_over_the_defaults(tmp_path: Path) -> None:
-    path = _write(tmp_path, "[federation]\nrounds = 2\n\n[privacy]\nmax_epsilon = 3.0\n")
+    path = _write(tmp_path, "[federation]\nlocal_epochs = 2\n\n[privacy]\nmax_epsilon = 3.0\n")
     s = load_settings(path)
-    assert s.federation.rounds == 2
+    assert s.federation.local_epochs == 2
     assert s.privacy.max_epsilon == 3.0
     assert s.federation.hospitals == 3
     assert s.privacy.delta == 1e-5
@@ -208,8 +210,8 @@ def test_user_file_is_laid_over_the_defaults(tmp_path: Path) -> None:
 
 
 def test_overrides_win_over_the_user_file(tmp_path: Path) -> None:
-    path = _write(tmp_path, "[federation]\nrounds = 2\n")
-    assert load_settings(path, {"federation.rounds": 5}).federation.rounds == 5
+    path = _write(tmp_path, "[federation]\nlocal_epochs = 2\n")
+    assert load_settings(path, {"federation.local_epochs": 5}).federation.local_epochs == 5
 
 
 def test_user_schema_path_is_relative_to_the_user_file(tmp_path: Path) -> None:
@@ -224,7 +226,7 @@ def test_user_schema_path_is_relative_to_the_user_file(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_key_in_user_file(tmp_path: Path) -> None:
-    path = _write(tmp_path, "[federaton]\nrounds = 2\n")
+    path = _write(tmp_path, "[federaton]\nlocal_epochs = 2\n")
     with pytest.raises(ConfigError) as info:
         load_settings(path)
     message = str(info.value)
@@ -244,7 +246,7 @@ def test_unknown_nested_key_in_user_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        pytest.param("[federation]\nrounds = 0\n", "federation.rounds", id="rounds"),
+        pytest.param("[federation]\nlocal_epochs = 0\n", "federation.local_epochs", id="rounds"),
         pytest.param("[privacy]\ndelta = 2\n", "privacy.delta", id="delta"),
         pytest.param('[federation]\npartition = "weird"\n', "federation.partition", id="partition"),
         pytest.param(
@@ -268,20 +270,23 @@ def test_wrong_value_in_user_file_names_file_and_dotted_key(tmp_path: Path, text
 
 
 def test_unknown_model_lists_the_registered_ones(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown model 'bogus'.*dp-ctgan"):
+    with pytest.raises(ConfigError, match=r"model.generator = 'bogus'.*allowed models: \['dp-ctgan'"):
         load_settings(_write(tmp_path, '[model]\ngenerator = "bogus"\n'))
+    stage = '[[stages]]\nmodel = "bogus"\nrounds = 1\n'
+    with pytest.raises(ConfigError, match=r"stages.0.model: unknown model 'bogus'; allowed: \['dp-ctgan'"):
+        load_settings(_write(tmp_path, stage))
 
 
 def test_non_utf8_user_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
-    path.write_bytes(b"[federation]\n# r\xe9glages\nrounds = 2\n")
+    path.write_bytes(b"[federation]\n# r\xe9glages\nlocal_epochs = 2\n")
     with pytest.raises(ConfigError, match="not UTF-8") as info:
         load_settings(path)
     assert str(path) in str(info.value)
 
 
 def test_broken_toml_user_file_names_the_file(tmp_path: Path) -> None:
-    path = _write(tmp_path, "[federation\nrounds = 2\n")
+    path = _write(tmp_path, "[federation\nlocal_epochs = 2\n")
     with pytest.raises(ConfigError, match="not valid TOML") as info:
         load_settings(path)
     assert str(path) in str(info.value)
@@ -312,9 +317,9 @@ def test_run_config_found_from_another_working_directory(
 
 
 def test_run_config_overrides_are_applied() -> None:
-    run_config = {**_pyproject_run_config(), "overrides": "federation.rounds=3 privacy.max_epsilon=4.0"}
+    run_config = {**_pyproject_run_config(), "overrides": "federation.local_epochs=3 privacy.max_epsilon=4.0"}
     s = settings_from_run_config(run_config, app_dir=PROJECT_DIR)
-    assert s.federation.rounds == 3
+    assert s.federation.local_epochs == 3
     assert s.privacy.max_epsilon == 4.0
 
 
@@ -327,8 +332,8 @@ def test_run_config_with_a_user_config_file(tmp_path: Path) -> None:
     path = _write(tmp_path, "[federation]\nhospitals = 5\n")
     s = settings_from_run_config({"config-file": "user.toml", "overrides": ""}, app_dir=tmp_path)
     assert s.federation.hospitals == 5
-    s = settings_from_run_config({"config-file": str(path), "overrides": "federation.rounds=1"})
-    assert (s.federation.hospitals, s.federation.rounds) == (5, 1)
+    s = settings_from_run_config({"config-file": str(path), "overrides": "federation.local_epochs=1"})
+    assert (s.federation.hospitals, s.federation.local_epochs) == (5, 1)
 
 
 def test_run_config_with_a_wrong_override_names_the_key() -> None:
@@ -345,7 +350,7 @@ def test_run_config_with_a_missing_config_file(tmp_path: Path) -> None:
 def test_format_overrides_round_trips_cli_values() -> None:
     dotted = {
         "federation.hospitals": 4,
-        "federation.rounds": 3,
+        "federation.local_epochs": 3,
         "federation.seed": 0,
         "privacy.max_epsilon": 4.0,
         "privacy.delta": 1e-5,
@@ -406,6 +411,6 @@ def test_format_overrides_round_trips_infinite_floats() -> None:
 
 def test_run_settings_validates_directly() -> None:
     data = load_settings().to_toml_dict()
-    data["federation"]["rounds"] = 0
+    data["federation"]["local_epochs"] = 0
     with pytest.raises(ValidationError):
         RunSettings.model_validate(data)

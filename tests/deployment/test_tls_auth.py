@@ -44,12 +44,14 @@ TINY_RUN = (
     "model.dp-ctgan.generator_dims=[16]",
     "model.dp-ctgan.discriminator_dims=[16]",
     "model.dp-ctgan.embedding_dim=8",
-    "model.sequence=''",  # no TimeGAN phases: they would add rounds beyond the time budget
+    # no TimeGAN phases (they would add rounds beyond the time budget); its share to the generator
+    "stages.timegan=false",
+    "stages.0.epsilon_share=0.8",
 )
 # The runs of this module share the nodes and so their ledgers (one per hospital, across runs,
 # as on a real node): each run may only lower the node's max epsilon, so each later run is
 # allowed a little more than the one before, and never more than the node's 5.
-RUN_OVERRIDES = " ".join(["federation.rounds=1", "privacy.max_epsilon=1.5", *TINY_RUN])
+RUN_OVERRIDES = " ".join(["stages.0.rounds=1", "privacy.max_epsilon=1.5", *TINY_RUN])
 # Without these Flower phones home and builds a per-app environment (pulling CUDA torch).
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -582,9 +584,9 @@ def test_ledger_persists_in_state_dir(federation: Federation, finished_run: RunR
 # --- dropout and resume (later runs on the same nodes; see RUN_OVERRIDES on their budgets) ----
 
 DROPOUT_OVERRIDES = " ".join(
-    ["federation.rounds=6", "federation.min_replies=2", "privacy.max_epsilon=3.0", *TINY_RUN]
+    ["stages.0.rounds=6", "federation.min_replies=2", "privacy.max_epsilon=3.0", *TINY_RUN]
 )
-RESUME_OVERRIDES = " ".join(["federation.rounds=3", "privacy.max_epsilon=4.5", *TINY_RUN])
+RESUME_OVERRIDES = " ".join(["stages.0.rounds=3", "privacy.max_epsilon=4.5", *TINY_RUN])
 
 
 def _progress(out_dir: Path) -> dict | None:

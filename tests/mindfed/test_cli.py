@@ -95,8 +95,8 @@ def test_simulate_with_every_hospital_invalid_stops_with_one_message(
 
 def test_bad_config_value_names_the_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
-    config.write_text("[federation]\nrounds = 0\n", encoding="utf-8")
+    config.write_text("[federation]\nlocal_epochs = 0\n", encoding="utf-8")
     result = runner.invoke(app, ["simulate", "--config", str(config), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "federation.rounds" in result.output
+    assert "federation.local_epochs" in result.output
     assert not (tmp_path / "o").exists()

@@ -13,11 +13,12 @@ import torch
 
 from configs.schema import CohortSchema, load_schema
 from models import registry
+from models.base import ModelKind, contract_problems
 from models.bundle import CARD_FILE, WEIGHTS_FILE, BundleError, load_bundle, save_bundle
-from models.ctgan_dp import DPSpec
 from models.encoder import TabularEncoder
 from models.registry import get_model_class, register, registered_models
 from models.statistics import histogram_counts
+from privacy.dp_training import DPSpec
 from privacy.facade import steps_per_epoch
 from privacy.ledger import BudgetExceededError, PrivacyLedger
 from simulation.cohort import generate_demo_cohort
@@ -28,11 +29,9 @@ pytestmark = [
 ]
 
 MODELS = registered_models()
-# Sequence models (e.g. TimeGAN: fit() takes weeks plus conditions, sample() takes profiles)
-# keep only the generic part of the contract; the static-table contract is for the rest.
-# Static-table generators that train with DP; sequence models and audit controls (which leak
-# on purpose and take no DP) only get the generic contract.
-STATIC_MODELS = [m for m in MODELS if getattr(get_model_class(m), "kind", "static") == "static"]
+# Every model keeps its kind's contract (models.base); the static-table tests below are for the
+# federated generators (sequence models have their own in tests/models/sequence).
+STATIC_MODELS = [m for m in MODELS if get_model_class(m).kind == ModelKind.FEDERATED_GENERATOR]
 CPU = torch.device("cpu")
 N_ROWS = 200
 BATCH = 50
@@ -104,8 +103,7 @@ def test_every_model_keeps_the_generic_contract(name: str, encoder: TabularEncod
     cls = get_model_class(name)
     assert cls.registry_name == name
     cls.Config()  # every knob has a default
-    for method in ("state_dict", "sampler_state_dict", "load_state_dict", "fit", "sample"):
-        assert callable(getattr(cls, method, None)), method
+    assert contract_problems(cls) == []
     a, b = _build(name, encoder, seed=1), _build(name, encoder, seed=2)
     assert a.config == cls.Config(**_params(name))
     assert a.encoder is encoder
@@ -383,10 +381,25 @@ def test_card_without_file_hashes_is_refused(tmp_path: Path) -> None:
         load_bundle(tmp_path)
 
 
-TABLE_MODELS = [m for m in MODELS if getattr(get_model_class(m), "kind", "static") != "sequence"]
+def test_the_contract_check_names_what_a_model_lacks() -> None:
+    class Half:
+        kind = ModelKind.RISK_MODEL
+        registry_name = "half"
+        releases = ()
+        phases = ()
+
+        def state_dict(self) -> dict:
+            return {}
+
+    problems = contract_problems(Half)
+    assert {"missing 'predict_proba'", "missing 'fit_round'", "missing 'Config'"} <= set(problems)
+    assert "missing 'state_dict'" not in problems
+    assert contract_problems(type("NoKind", (), {"kind": "sequence"})) == [
+        "'kind' must be a ModelKind, got 'sequence'"
+    ]
 
 
-@pytest.mark.parametrize("name", TABLE_MODELS)
+@pytest.mark.parametrize("name", STATIC_MODELS)
 def test_every_table_model_takes_pair_targets(name: str, encoder: TabularEncoder, data: np.ndarray) -> None:
     """The client hands the server's DP pair correlations to whichever table model runs."""
     model = _build(name, encoder)

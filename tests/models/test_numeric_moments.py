@@ -17,8 +17,8 @@ from models.numeric_moments import (
     release_numeric_products,
 )
 from models.pairs import pair_key
+from models.sequence.moments import MOMENT_BLOCKS
 from models.statistics import histogram_counts
-from models.timegan import MOMENT_BLOCKS
 from privacy.facade import gaussian_noise_multiplier, release_noisy_histograms
 from privacy.ledger import BudgetExceededError, PrivacyLedger
 from simulation.cohort import generate_demo_cohort

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from configs.schema import load_schema
+from models.sequence.encoder import SequenceEncoder
 from models.sequence_metrics import (
     DEFAULT_LINK_PAIRS,
     autocorrelation_difference,
@@ -19,7 +20,6 @@ from models.sequence_metrics import (
     link_fidelity,
     predictive_score,
 )
-from models.timegan import SequenceEncoder
 from simulation.cohort import generate_demo_cohort
 
 N = 600

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -11,14 +12,18 @@ import pytest
 from flwr.app import Message
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from models.registry import PLUGINS_ENV
 from simulation.runner import simulate
 
 pytestmark = pytest.mark.integration
 
+# The static generator alone, with the budget TimeGAN would have had.
+LEAKY_MODULE = "tests.support.leaky_replay"
+NO_SEQUENCE = {"stages.timegan": False, "stages.0.epsilon_share": 0.8}
 TINY = {
     "federation.patients": 500,
     "federation.hospitals": 2,
-    "federation.rounds": 2,
+    "stages.0.rounds": 2,
     "federation.batch_size": 32,
     "export.synthetic_rows": 600,
     "export.round_sample_rows": 200,
@@ -29,7 +34,7 @@ TINY = {
     "model.dp-ctgan.embedding_dim": 16,
     "model.timegan.hidden_dim": 8,
     "model.timegan.num_layers": 1,
-    "federation.sequence_rounds": {"embedding": 1, "supervised": 1, "joint": 1},
+    "stages.timegan.phases": {"embedding": 1, "supervised": 1, "joint": 1},
 }
 
 # A patient id of the demo cohort, anywhere in any string a hospital sends back.
@@ -118,8 +123,11 @@ def test_dp_run_passes_auc_and_dcr_gates_and_writes_the_report(recorded_run) -> 
     assert actions[0] == "accept" and actions[-1] == "filter"
 
 
-def test_leaky_generator_fails_the_gates(tmp_path: Path) -> None:
-    overrides = {**TINY, "federation.hospitals": 1, "model.generator": "leaky-replay", "model.sequence": ""}
+def test_leaky_generator_fails_the_gates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Registered by the tests only: here, and in the simulated nodes' worker processes.
+    monkeypatch.setenv(PLUGINS_ENV, LEAKY_MODULE)
+    importlib.import_module(LEAKY_MODULE)
+    overrides = {**TINY, "federation.hospitals": 1, "stages.0.model": "leaky-replay", **NO_SEQUENCE}
     outcome = simulate(config=None, overrides=overrides, out_dir=tmp_path)
     metrics = outcome.metrics
     assert not metrics["audit"]["passed"]

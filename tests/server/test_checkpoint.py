@@ -21,7 +21,7 @@ from server.checkpoint import (
     settings_changes,
 )
 from server.export import HospitalSummary
-from strategies.fedavg import RoundLog
+from strategies.rounds import RoundLog
 
 
 def _progress(rounds_done: int) -> RunProgress:
@@ -40,7 +40,7 @@ def _progress(rounds_done: int) -> RunProgress:
         total_rounds_done=rounds_done,
         hospitals={name: vars(h) for name, h in hospitals.items()},
         refusals=[],
-        moments_json=None,
+        releases=["histograms"],
         controller=None,
         round_logs=[vars(log) for log in logs],
         stage_scores={"dp-ctgan": {str(r): 0.8 for r in range(1, rounds_done + 1)}},
@@ -60,7 +60,7 @@ def _weights(scale: float) -> dict[str, ArrayRecord]:
 
 
 def _statistics() -> dict[str, dict[str, np.ndarray]]:
-    return {"reference": {"age": np.array([1.0, 2.0]), "gender": np.array([3.0])}}
+    return {"histograms": {"age": np.array([1.0, 2.0]), "gender": np.array([3.0])}}
 
 
 def test_round_trip_keeps_weights_order_dtypes_and_progress(tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_round_trip_keeps_weights_order_dtypes_and_progress(tmp_path: Path) -> N
     assert weights["bn.num_batches_tracked"].numpy().shape == ()  # 0-d stays 0-d
     np.testing.assert_array_equal(weights["z.weight"].numpy(), np.full((2, 3), 1.5, np.float32))
     assert weights["a.bias"].numpy().dtype == np.int64
-    assert list(loaded.statistics("reference")) == ["age", "gender"]
+    assert list(loaded.statistics("histograms")) == ["age", "gender"]
     assert loaded.progress.hospital_summaries()["hospital-1"].num_examples == 100
 
 
@@ -138,9 +138,9 @@ def test_settings_changes_list_what_differs_but_not_operational_knobs() -> None:
     saved = flat_settings(load_settings())
     same_but_slower = load_settings(None, {"federation.round_timeout_s": 30.0, "runtime.device": "cpu"})
     assert settings_changes(saved, same_but_slower) == []
-    other = load_settings(None, {"federation.rounds": 7, "privacy.max_epsilon": 3.0})
+    other = load_settings(None, {"stages.0.rounds": 7, "privacy.max_epsilon": 3.0})
     changes = settings_changes(saved, other)
-    assert any(c.startswith("federation.rounds:") and c.endswith("-> 7") for c in changes), changes
+    assert any(c.startswith("stages:") and "'rounds': 7" in c for c in changes), changes
     assert any(c.startswith("privacy.max_epsilon:") for c in changes), changes
     assert len(changes) == 2
 
@@ -178,5 +178,5 @@ def test_a_checkpoint_of_another_version_is_refused_with_both_numbers(tmp_path: 
 
 def test_statistics_the_checkpoint_does_not_hold_are_named(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, _progress(1), weights=_weights(1.0), statistics=_statistics())
-    with pytest.raises(CheckpointError, match="no 'numeric' statistics"):
-        load_checkpoint(tmp_path).statistics("numeric")
+    with pytest.raises(CheckpointError, match="no 'numeric-moments' statistics"):
+        load_checkpoint(tmp_path).statistics("numeric-moments")

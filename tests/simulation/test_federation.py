@@ -14,15 +14,17 @@ from configs.settings import load_settings
 from mindfed.cli import app
 from models.bundle import load_linked_bundle, sample_linked
 from server.checkpoint import CheckpointError
-from server.phases import Checkpointer
+from server.resume import Checkpointer
 from simulation.runner import prepare_demo_cohort, simulate
 
 pytestmark = pytest.mark.integration
 
+# The static generator alone, with the budget TimeGAN would have had.
+NO_SEQUENCE = {"stages.timegan": False, "stages.0.epsilon_share": 0.8}
 TINY = {
     "federation.patients": 360,
     "federation.hospitals": 2,
-    "federation.rounds": 2,
+    "stages.0.rounds": 2,
     "federation.batch_size": 32,
     "export.synthetic_rows": 500,
     "export.round_sample_rows": 200,
@@ -31,7 +33,7 @@ TINY = {
     "model.dp-ctgan.embedding_dim": 16,
     "model.timegan.hidden_dim": 8,
     "model.timegan.num_layers": 1,
-    "federation.sequence_rounds": {"embedding": 1, "supervised": 1, "joint": 1},
+    "stages.timegan.phases": {"embedding": 1, "supervised": 1, "joint": 1},
 }
 
 
@@ -49,7 +51,7 @@ def test_run_exports_bundle_synthetic_table_and_metrics(tiny_run) -> None:
     removed = sum(metrics["sadqc"]["removed"].values())  # SA-DQC's final anomaly filter
     assert 0 < removed <= 0.05 * TINY["export.synthetic_rows"]
     sadqc_state = json.loads((out / "state" / "sadqc-dp-ctgan.json").read_text())  # persisted per round
-    assert len(sadqc_state["history"]) == TINY["federation.rounds"]
+    assert len(sadqc_state["history"]) == TINY["stages.0.rounds"]
     assert len(synthetic) == TINY["export.synthetic_rows"] - removed
     assert list(synthetic.columns) == [schema.id_column, *schema.column_names]
     weeks = pd.read_csv(out / "synthetic" / "timeseries.csv")
@@ -58,7 +60,7 @@ def test_run_exports_bundle_synthetic_table_and_metrics(tiny_run) -> None:
     assert set(weeks[schema.id_column]) == set(synthetic[schema.id_column])  # every profile has its week
     card = json.loads((out / "bundle" / "model_card.json").read_text())
     stages = card["training"]["stages"]
-    assert stages["dp-ctgan"]["rounds_aggregated"] == TINY["federation.rounds"]
+    assert stages["dp-ctgan"]["rounds_aggregated"] == TINY["stages.0.rounds"]
     assert [k for k in stages if k.startswith("timegan")] == [
         "timegan embedding",
         "timegan supervised",
@@ -79,7 +81,7 @@ def test_run_exports_bundle_synthetic_table_and_metrics(tiny_run) -> None:
 def test_every_hospital_epsilon_is_the_accountants_and_within_budget(tiny_run) -> None:
     max_epsilon = load_settings().privacy.max_epsilon
     for hospital in tiny_run.metrics["hospitals"]:
-        assert hospital["rounds_trained"] == TINY["federation.rounds"] + 3  # + one round per TimeGAN phase
+        assert hospital["rounds_trained"] == TINY["stages.0.rounds"] + 3  # + one round per TimeGAN phase
         # the noise was calibrated to spend the budget: close to, never above, the max
         assert max_epsilon * 0.95 <= hospital["epsilon"] <= max_epsilon + 1e-9
 
@@ -100,7 +102,7 @@ def test_generate_from_exported_bundle(tiny_run, tmp_path: Path) -> None:
 
 
 def test_hospital_with_invalid_data_is_refused_and_run_goes_on(tmp_path: Path) -> None:
-    overrides = {**TINY, "federation.hospitals": 3, "federation.rounds": 1, "model.sequence": ""}
+    overrides = {**TINY, "federation.hospitals": 3, "stages.0.rounds": 1, **NO_SEQUENCE}
     cohort_dir = tmp_path / "cohort"
     prepare_demo_cohort(load_settings(None, overrides), cohort_dir)
     broken = cohort_dir / "hospital-2" / "static.csv"
@@ -167,6 +169,36 @@ def test_run_cut_after_a_round_resumes_at_the_next_and_matches_an_uncut_run(
 def test_resume_is_refused_without_a_checkpoint_or_with_other_settings(tiny_run, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint"):
         simulate(config=None, overrides=TINY, out_dir=tmp_path / "empty", resume=True)
-    other = {**TINY, "federation.rounds": 3}
-    with pytest.raises(CheckpointError, match=r"federation\.rounds: 2 -> 3"):
+    other = {**TINY, "stages.0.rounds": 3}
+    with pytest.raises(CheckpointError, match=r"stages: .*'rounds': 2.* -> .*'rounds': 3"):
         simulate(config=None, overrides=other, out_dir=tiny_run.out_dir, resume=True)
+
+
+def test_stages_aggregate_with_fedprox_and_fedadam(
+    tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    sent: list = []
+    original = InMemoryGrid.push_messages
+
+    def recording_push(self, messages):
+        messages = list(messages)
+        sent.extend(messages)
+        return original(self, messages)
+
+    monkeypatch.setattr(InMemoryGrid, "push_messages", recording_push)
+    overrides = {
+        **TINY,
+        "stages.dp-ctgan.strategy": {"name": "fedprox", "params": {"proximal_mu": 0.5}},
+        "stages.timegan.strategy": {"name": "fedadam", "params": {"eta": 0.01}},
+    }
+    outcome = simulate(config=None, overrides=overrides, out_dir=tmp_path)
+    assert all(r["aggregated"] and not r["rejected"] for r in outcome.metrics["rounds"])
+    assert len(outcome.metrics["rounds"]) == TINY["stages.0.rounds"] + 3
+    train = [m for m in sent if m.metadata.message_type.startswith("train.")]
+    mu = {m.metadata.message_type: m.content.config_records["config"].get("proximal-mu") for m in train}
+    assert mu == {"train.generator": 0.5, "train.sequence": 0.0}  # FedProx's mu reaches the nodes
+    # FedAdam's server-side step moves TimeGAN elsewhere than FedAvg's average (the same run's).
+    ours = (tmp_path / "synthetic" / "timeseries.csv").read_bytes()
+    assert ours != (tiny_run.out_dir / "synthetic" / "timeseries.csv").read_bytes()

@@ -1,4 +1,8 @@
-"""Negative control for the privacy audit: a generator that leaks by design, never for release."""
+"""Negative control for the privacy audit: a generator that leaks by design, registered by tests only.
+
+Import this module (or name it in MINDFED_MODEL_PLUGINS for a simulated federation's workers) to
+register `leaky-replay`; production code never imports it, so no run config can select it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.ctgan_dp import DPSpec, FitReport
+from models.base import FitReport, LocalData, LocalRound, ModelKind
 from models.encoder import TabularEncoder
 from models.registry import register
+from privacy.dp_training import DPSpec
 
 
 @register("leaky-replay")
@@ -23,7 +28,9 @@ class LeakyReplay:
     """
 
     registry_name = "leaky-replay"
-    kind = "audit-control"  # not a release model: no DP, exempt from the DP contract tests
+    kind = ModelKind.FEDERATED_GENERATOR
+    releases = ()
+    phases = ()
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
@@ -50,6 +57,17 @@ class LeakyReplay:
         if unexpected or {"memory", "filled"} - set(state):
             raise KeyError(f"leaky-replay state needs 'memory' and 'filled', got {sorted(state)}")
         self.memory, self.filled = state["memory"].clone(), state["filled"].clone()
+
+    def fit_round(self, data: LocalData, plan: LocalRound) -> FitReport:
+        """Memorise the members (no DP: `plan.dp` is ignored and nothing is charged)."""
+        return self.fit(
+            data.profiles,
+            epochs=plan.epochs,
+            batch_size=plan.batch_size,
+            dp=None,
+            device=plan.device,
+            seed=plan.seed,
+        )
 
     def fit(
         self,

@@ -1,0 +1,120 @@
+"""The wire protocol shared by ServerApp and ClientApp: message names, record keys, typed requests."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flwr.app import ConfigRecord
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# ---------------------------------------------------------------- message types
+HANDSHAKE = "query.handshake"  # validate the cohort, answer the requested DP releases
+IDENTIFY = "query.identify"  # which hospital a node is (a resumed run): no data read
+AUDIT = "query.audit"  # DCR and membership attacks on a synthetic sample
+TRAIN_ACTIONS = ("generator", "sequence", "risk")  # `train.<action>`, one per kind of round model
+
+# ---------------------------------------------------------------- record keys
+CONFIG = "config"  # the request's ConfigRecord
+ARRAYS = "arrays"  # model weights (train) in and out
+METRICS = "metrics"  # a reply's MetricRecord
+NODE_INFO = "node-info"  # a reply's ConfigRecord naming the hospital (a declared public fact)
+LEDGER = "ledger"  # the audit reply's list of charges (mechanism, sigma, sample rate, steps)
+FEDERATION_ID = "federation-id"  # names one run across a crash and its resume
+STATISTICS_PREFIX = "statistics."  # + a release's name: merged DP statistics sent to a stage
+WEIGHT = "num-examples"  # what FedAvg weights a hospital's update by
+
+
+class WireError(ValueError):
+    """A message does not follow the protocol (missing or mistyped entry), named by its key."""
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    def to_config(self) -> ConfigRecord:
+        """The request as a ConfigRecord under the wire's key names."""
+        data = self.model_dump(by_alias=True, exclude={"statistics"})
+        data = {key: json.dumps(value) if isinstance(value, dict) else value for key, value in data.items()}
+        return ConfigRecord(data)
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord | None) -> Any:
+        """Parse and check a ConfigRecord; a WireError names the first bad key."""
+        if config is None:
+            raise WireError(f"the message has no '{CONFIG}' record")
+        try:
+            return cls.model_validate(dict(config))
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(map(str, first["loc"])) or "?"
+            raise WireError(f"config entry '{key}': {first['msg']}") from None
+
+
+class HandshakeRequest(_Request):
+    """Phase 1: validate the cohort against this schema and release these DP statistics."""
+
+    schema_hash: str = Field(alias="schema-hash")
+    releases: list[str]
+    federation_id: str = Field(default="", alias=FEDERATION_ID)
+
+
+class TrainRequest(_Request):
+    """One round of local training, as the server asks for it (checked before anything runs)."""
+
+    model: str
+    model_params: dict[str, Any] = Field(alias="model-params")
+    encoder_json: str = Field(alias="encoder")
+    encoder_hash: str = Field(alias="encoder-hash")
+    phase: str = ""  # a phased model's phase; "" otherwise
+    model_rounds: int = Field(alias="model-rounds", ge=1)  # this model's rounds over all its phases
+    rounds_before: int = Field(alias="rounds-before", ge=0)  # of this model, in earlier phases
+    budget_share: float = Field(alias="budget-share", ge=0, le=1)  # of the epsilon left at its start
+    local_epochs: int = Field(alias="local-epochs", ge=1)
+    batch_size: int = Field(alias="batch-size", ge=1)
+    seed: int
+    federation_id: str = Field(default="", alias=FEDERATION_ID)
+    server_round: int = Field(default=1, alias="server-round", ge=1)  # set by the strategy
+    lr_multiplier: float = Field(default=1.0, alias="lr-multiplier", gt=0)  # SA-DQC's after a rollback
+    proximal_mu: float = Field(default=0.0, alias="proximal-mu", ge=0)  # set by Flower's FedProx
+    stand_ins: bytes = Field(default=b"", alias="stand-ins")  # .npy of DP static samples (sequence)
+    # release name -> .npz of the merged DP statistic (see `models.releases`); not a model input key
+    statistics: dict[str, bytes] = Field(default_factory=dict)
+
+    @field_validator("model_params", mode="before")
+    @classmethod
+    def _params_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"not JSON: {err}") from None
+        return value
+
+    @property
+    def rounds_remaining(self) -> int:
+        """This model's rounds still to run, this one included: what its noise is planned over."""
+        return self.model_rounds - self.rounds_before - self.server_round + 1
+
+    def to_config(self) -> ConfigRecord:
+        config = super().to_config()
+        for name, data in self.statistics.items():
+            config[STATISTICS_PREFIX + name] = data
+        return config
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord | None) -> TrainRequest:
+        request: TrainRequest = super().from_config(config)
+        assert config is not None
+        statistics = {}
+        for key, value in config.items():
+            if key.startswith(STATISTICS_PREFIX):
+                if not isinstance(value, bytes):
+                    raise WireError(f"config entry '{key}' must be bytes, got {type(value).__name__}")
+                statistics[key.removeprefix(STATISTICS_PREFIX)] = value
+        if request.rounds_remaining < 1:
+            raise WireError(
+                f"config entries 'model-rounds', 'rounds-before', 'server-round' leave "
+                f"{request.rounds_remaining} rounds; at least 1 is needed"
+            )
+        return request.model_copy(update={"statistics": statistics})

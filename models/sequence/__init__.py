@@ -1,0 +1,1 @@
+"""TimeGAN for the daily weeks: sequence encoder, moments and their DP release, networks, losses, phases."""

@@ -1,0 +1,186 @@
+"""Stage guards and the checks a hospital's DP releases pass before the server merges them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from client.data import Cohort
+from client.tasks import handshake_statistics
+from configs import wire
+from configs.schema import load_schema
+from configs.wire import HandshakeRequest
+from models.numeric_moments import NUMERIC_KEY
+from models.releases.base import ReleaseError
+from models.releases.catalog import get_release
+from models.releases.numeric import NumericMomentsRelease
+from models.releases.sequence import SequenceMomentsRelease
+from models.sequence.encoder import SequenceEncoder
+from models.sequence.moments import SequenceMoments
+from privacy.ledger import PrivacyLedger
+from server.handshake import HandshakeError, run_handshake
+from server.rounds import StageError, check_stage_trained
+from simulation.cohort import generate_demo_cohort
+from strategies.rounds import RoundLog
+from tests.strategies.support import StaticGrid
+
+
+def test_a_stage_without_any_aggregated_round_stops_the_run() -> None:
+    refused = [
+        RoundLog(r, rejected=[{"hospital": "hospital-1", "reason": "config: extra field 'x'"}])
+        for r in (1, 2)
+    ]
+    with pytest.raises(
+        StageError, match=r"timegan joint: no round aggregated.*hospital-1: config: extra field"
+    ):
+        check_stage_trained("timegan joint", refused)
+    check_stage_trained("timegan joint", [*refused, RoundLog(3, aggregated=True)])  # one is enough
+    check_stage_trained("timegan joint", [])  # a resumed stage with no rounds left
+
+
+def _checked(release, arrays: dict[str, np.ndarray]):
+    """The release's value, or the reason it was refused."""
+    try:
+        return release.from_arrays(arrays, load_schema())
+    except ReleaseError as err:
+        return str(err)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({}, None),
+        ({"day_sd": np.ones(5)}, "day_sd units"),
+        ({"day_by_day": np.zeros((6, 6))}, "day_by_day has shape (6, 6), expected (7, 7)"),
+        ({"within": np.full((5, 5), np.inf)}, "within is not finite"),
+    ],
+)
+def test_handshake_moments_in_other_units_or_shapes_are_refused_by_name(
+    change: dict[str, np.ndarray], reason: str | None
+) -> None:
+    schema = load_schema()
+    day_sd = SequenceEncoder.from_schema(schema).day_sd
+    weeks = np.random.default_rng(0).uniform(0.3, 0.7, (20, 7, 5))
+    moments = dataclasses.replace(SequenceMoments.of(weeks, day_sd=day_sd), **change)
+    release = SequenceMomentsRelease()
+    answer = _checked(release, release.to_arrays(moments))
+    if reason is None:
+        assert isinstance(answer, SequenceMoments)
+    else:
+        assert isinstance(answer, str) and reason in answer
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (None, "numeric moments are missing"),
+        ({NUMERIC_KEY: np.eye(6)}, None),
+        ({NUMERIC_KEY: np.eye(4)}, "numeric moments have shape (4, 4), expected (6, 6)"),
+        ({NUMERIC_KEY: np.full((6, 6), np.nan)}, "numeric moments are not finite"),
+        ({"sums": np.eye(6)}, "numeric moments are missing"),
+    ],
+)
+def test_handshake_numeric_moments_are_checked_before_merging(
+    record: dict[str, np.ndarray] | None, reason: str | None
+) -> None:
+    answer = _checked(NumericMomentsRelease(), record or {})
+    if reason is None:
+        assert isinstance(answer, np.ndarray) and answer.shape == (6, 6)
+    else:
+        assert answer == reason
+
+
+# --- the whole handshake: real releases from three hospitals, malformed ones refused -------------
+
+
+class HospitalsGrid(StaticGrid):
+    """Each node answers the handshake as a ClientApp would, from its own demo cohort;
+    `spoil[node]` changes that node's reply content before it is sent."""
+
+    def __init__(self, spoil: dict[int, object]) -> None:
+        super().__init__([1, 2, 3])
+        self.spoil = spoil
+        self.requests: list[HandshakeRequest] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [self._answer(m) for m in messages]
+
+    def _answer(self, message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        request = HandshakeRequest.from_config(message.content.config_records[wire.CONFIG])
+        self.requests.append(request)
+        demo = generate_demo_cohort(80, seed=node)
+        ledger = PrivacyLedger(max_epsilon=5.0, delta=1e-5)
+        released = handshake_statistics(
+            Cohort(demo.static, demo.timeseries),
+            load_schema(),
+            ledger=ledger,
+            epsilon=1.0,
+            seed=node,
+            releases=request.releases,
+        )
+        content = RecordDict(
+            {
+                **{
+                    name: ArrayRecord({k: Array(v) for k, v in get_release(name).to_arrays(value).items()})
+                    for name, value in released.items()
+                },
+                wire.METRICS: MetricRecord(
+                    {wire.WEIGHT: 80, "epsilon": ledger.spent(), "delta": 1e-5, "max-epsilon": 5.0}
+                ),
+                wire.NODE_INFO: ConfigRecord({"hospital": f"hospital-{node}"}),
+            }
+        )
+        spoil = self.spoil.get(node)
+        if spoil is not None:
+            spoil(content)
+        return Message(content, reply_to=message)
+
+
+def _drop_histograms(content: RecordDict) -> None:
+    del content["histograms"]
+
+
+def _infinite_count(content: RecordDict) -> None:
+    content[wire.METRICS][wire.WEIGHT] = float("inf")
+
+
+def _nan_cell(content: RecordDict) -> None:
+    content["pairs"]["age|gender"] = Array(np.full_like(content["pairs"]["age|gender"].numpy(), np.nan))
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_the_handshake_merges_every_release_the_plan_asked_for() -> None:
+    grid = HospitalsGrid({})
+    result = run_handshake(grid, [1, 2, 3], load_schema(), 10.0, releases=["sequence-moments"])
+    assert grid.requests[0].releases == ["histograms", "pairs", "sequence-moments"]
+    assert sorted(result.statistics) == ["histograms", "pairs", "sequence-moments"]
+    assert result.numeric is None and result.refusals == []
+    assert result.moments.count == pytest.approx(240, abs=60)  # three hospitals' noisy counts
+    assert set(result.reference) == set(load_schema().column_names)
+
+
+@pytest.mark.usefixtures("server_task_identity")
+@pytest.mark.parametrize(
+    ("spoil", "reason"),
+    [
+        (_drop_histograms, "release 'histograms' is missing"),
+        (_infinite_count, "metrics are malformed"),
+        (_nan_cell, "pair table 'age|gender' is malformed"),
+    ],
+    ids=["missing-record", "inf-count", "nan-cell"],
+)
+def test_one_malformed_reply_is_a_refusal_and_the_others_go_on(spoil, reason: str) -> None:
+    result = run_handshake(HospitalsGrid({2: spoil}), [1, 2, 3], load_schema(), 10.0, releases=[])
+    assert result.node_ids == [1, 3]
+    assert [(r["hospital"], reason in r["reason"]) for r in result.refusals] == [("hospital-2", True)]
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_a_handshake_nobody_passes_says_why() -> None:
+    spoilers = dict.fromkeys((1, 2, 3), _drop_histograms)
+    with pytest.raises(HandshakeError, match="hospital-1: release 'histograms' is missing"):
+        run_handshake(HospitalsGrid(spoilers), [1, 2, 3], load_schema(), 10.0, releases=[])
