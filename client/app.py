@@ -29,6 +29,8 @@ from client.tasks import (
     audit_answers,
     fits_target,
     handshake_statistics,
+    measure_round,
+    measurement_rho,
     plan_noise_multiplier,
     plan_target_epsilon,
     rebuild_encoder_from,
@@ -37,7 +39,7 @@ from client.tasks import (
 )
 from configs import wire
 from configs.settings import RunSettings, settings_from_run_config
-from configs.wire import HandshakeRequest, TrainRequest, WireError
+from configs.wire import HandshakeRequest, MeasureRequest, TrainRequest, WireError
 from models.encoder import EncoderError
 from models.releases.base import ReleaseError
 from models.releases.catalog import get_release
@@ -209,6 +211,41 @@ def _noise_plan(
     return float(plan["sigma"])
 
 
+@app.query("measure")
+def measure(message: Message, context: Context) -> Message:
+    """Noisy marginal tables for a statistics generator (one Gaussian release, charged)."""
+    settings, node = _setup(context, message)
+    try:
+        request = MeasureRequest.from_config(message.content.config_records.get(wire.CONFIG))
+        cohort, _ = _split_cohort(settings, node)
+        ledger = load_ledger(context, node)
+        key = f"plan.{request.federation_id}.{request.model}"
+        stored = load_plan(context, node, key)
+        plan = measurement_rho(ledger, request, stored)
+        tables, z = measure_round(
+            cohort,
+            settings.load_schema(),
+            request,
+            ledger=ledger,
+            rho=plan["rho"],
+            seed=_noise_seed(settings, node, 1000 + request.round_index),
+        )
+    except _REFUSALS as err:
+        return _refuse(message, node, err)
+    save_ledger(context, node, ledger)
+    if stored is None:  # made at the model's first round, kept for the rest of the run
+        save_plan(context, node, key, plan)
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in tables.items()}),
+            # the noise multiplier follows from the declared budget alone: a public fact
+            wire.METRICS: MetricRecord({"noise-multiplier": z, "epsilon": ledger.spent()}),
+            wire.NODE_INFO: _node_info(node),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
 @app.query("identify")
 def identify(message: Message, context: Context) -> Message:
     """Which hospital this node is (for a resumed run): reads no patient data, spends no epsilon."""
@@ -234,7 +271,7 @@ def audit(message: Message, context: Context) -> Message:
             str(config["encoder"]), str(config["encoder-hash"]), settings.load_schema()
         )
         members, holdout = _split_cohort(settings, node)
-        synthetic = message.content.array_records["synthetic"]["encoded"].numpy()
+        synthetic = message.content.array_records[wire.SYNTHETIC]["encoded"].numpy()
         if synthetic.ndim != 2 or synthetic.shape[1] != encoder.width or not np.isfinite(synthetic).all():
             raise EncoderError(f"synthetic sample has shape {synthetic.shape}, expected (n, {encoder.width})")
         answers = audit_answers(
@@ -245,19 +282,19 @@ def audit(message: Message, context: Context) -> Message:
             n_bootstrap=settings.audit.bootstrap,
             seed=settings.federation.seed,
         )
-        if "weeks" in message.content.array_records["synthetic"]:
-            weeks = message.content.array_records["synthetic"]["weeks"].numpy().astype(np.float32)
+        if "weeks" in message.content.array_records[wire.SYNTHETIC]:
+            weeks = message.content.array_records[wire.SYNTHETIC]["weeks"].numpy().astype(np.float32)
             answers |= sequence_answers(members, weeks, synthetic, encoder, seed=settings.federation.seed)
     except _REFUSALS as err:
         return _refuse(message, node, err)
     ledger = load_ledger(context, node)
     content = RecordDict(
         {
-            "audit": MetricRecord(
+            wire.AUDIT_ANSWERS: MetricRecord(
                 {"num-examples": members.n_patients, "num-holdout": holdout.n_patients, **answers}
             ),
             # the charges themselves (mechanism, sigma, sample rate, steps, epsilon after): no data
-            "ledger": ConfigRecord({"json": json.dumps([e.model_dump() for e in ledger.entries])}),
+            wire.LEDGER: ConfigRecord({"json": json.dumps([e.model_dump() for e in ledger.entries])}),
             wire.NODE_INFO: _node_info(node),
         }
     )

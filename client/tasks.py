@@ -13,9 +13,11 @@ import torch
 from client.data import Cohort
 from configs.schema import CohortSchema
 from configs.settings import RunSettings
-from configs.wire import TrainRequest
+from configs.wire import MeasureRequest, TrainRequest
 from models.base import FitReport, LocalData, LocalRound, ModelKind
 from models.encoder import EncoderError, TabularEncoder
+from models.pgm.domain import to_cells
+from models.pgm.marginals import Clique, clique_of, release_marginals
 from models.registry import get_model_class
 from models.releases.base import Members, decode_arrays
 from models.releases.catalog import get_release, releases_for
@@ -26,7 +28,7 @@ from models.sequence_metrics import evaluate_sequences
 from privacy.attacks import classifier_attack, dcr_overfitting_protection, distance_attack, domias_attack
 from privacy.dp_training import DPSpec
 from privacy.facade import gaussian_noise_multiplier, planned_steps
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import PrivacyLedger, rounds_noise
 
 logger = logging.getLogger(__name__)
 
@@ -246,3 +248,60 @@ def sequence_answers(
         syn_static=encoder.inverse_transform(synthetic),
     )
     return {f"sequence/{key}": float(value) for key, value in metrics.items()}
+
+
+def measurement_rho(
+    ledger: PrivacyLedger, request: MeasureRequest, plan: dict[str, float] | None
+) -> dict[str, float]:
+    """The model's measurement plan: target epsilon and zCDP budget rho, made at its first round.
+
+    The target is the model's share of what is left then (`plan_target_epsilon`); rho is split
+    over the rounds by the request's public weights, so every round's noise is known up front.
+    """
+    if plan is not None:
+        return plan
+    target = ledger.spent() + min(1.0, request.budget_share) * (ledger.max_epsilon - ledger.spent())
+    return {
+        "target": target,
+        "rho": ledger.calibrate_gaussian_rounds(target_epsilon=target, weights=request.weights),
+    }
+
+
+def _checked_cliques(request: MeasureRequest, schema: CohortSchema) -> list[Clique]:
+    """The requested column sets, refused unless each names 1-3 distinct schema columns."""
+    cliques = []
+    for key in request.cliques:
+        clique = clique_of(key)
+        unknown = [name for name in clique if name not in schema.column_names]
+        if unknown or len(set(clique)) != len(clique) or not 1 <= len(clique) <= 3:
+            raise EncoderError(f"measurement '{key}' is not 1-3 distinct columns of the schema")
+        cliques.append(clique)
+    if not cliques:
+        raise EncoderError("a measurement round names no column sets")
+    return cliques
+
+
+def measure_round(
+    cohort: Cohort,
+    schema: CohortSchema,
+    request: MeasureRequest,
+    *,
+    ledger: PrivacyLedger,
+    rho: float,
+    seed: int | None,
+) -> tuple[dict[str, np.ndarray], float]:
+    """Noisy tables of the requested column sets (one Gaussian release, charged); returns them and
+    the noise multiplier used (a public function of the declared budget, for the server's estimate)."""
+    cliques = _checked_cliques(request, schema)
+    z = rounds_noise(rho, request.weights[request.round_index - 1])
+    tables = release_marginals(
+        to_cells(cohort.static, schema),
+        schema,
+        cliques,
+        ledger=ledger,
+        noise_multiplier=z,
+        rng=np.random.default_rng(seed),
+        what=f"{request.model} measurement round {request.round_index}",
+        table_cells=request.table_cells,
+    )
+    return tables, z

@@ -53,8 +53,6 @@ def _kind_problems(index: int, stage: StageSpec, model_class: type) -> list[str]
     if model_class.kind == ModelKind.STATISTICS_GENERATOR:
         if stage.total_rounds:
             return [f"{where}: a statistics generator is fitted on the server and takes no rounds"]
-        if stage.epsilon_share:
-            return [f"{where}: a statistics generator spends no epsilon of its own (its releases do)"]
         return []
     if phases:
         unknown = sorted(set(stage.phases) - set(phases))
@@ -107,7 +105,7 @@ def plan_problems(
             continue
         kinds.append(model_class.kind)
         problems += _kind_problems(index, stage, model_class)
-        problems += _params_problems(stage.model, model_class, model_params.get(stage.model, {}))
+        problems += params_problems(stage.model, model_params.get(stage.model, {}))
         try:
             validate_strategy_params(stage.strategy.name, stage.strategy.params)
         except ValueError as err:
@@ -127,7 +125,11 @@ def plan_problems(
     return problems
 
 
-def _params_problems(name: str, model_class: type, params: Any) -> list[str]:
+def params_problems(name: str, params: Any) -> list[str]:
+    """What is wrong with a registered model's `[model.<name>]` table, each by its dotted key."""
+    from models.registry import get_model_class
+
+    model_class = get_model_class(name)
     if not isinstance(params, dict):
         return [f"model.{name} must be a table of the model's parameters"]
     try:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from configs.errors import ConfigError, format_validation_error
-from configs.plan import StageSpec, plan_problems
+from configs.plan import StageSpec, params_problems, plan_problems
 from configs.schema import CohortSchema, load_schema, read_toml
 
 DEFAULT_SETTINGS_PATH = Path(__file__).with_name("demo.toml")
@@ -117,6 +117,9 @@ class RunSettings(_Section):
                     f"and [model.<name>] holds a model's parameters; allowed models: {allowed}"
                 )
         problems = plan_problems(self.stages, self.privacy.statistics_epsilon_share, self.model.tables())
+        for name in sorted(set(self.model.tables()) - {stage.model for stage in self.stages}):
+            if name in allowed:  # a registered model's table is checked even when no stage uses it
+                problems += params_problems(name, self.model.params_for(name))
         if problems:
             raise ValueError("; ".join(problems))
         return self

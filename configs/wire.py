@@ -6,12 +6,13 @@ import json
 from typing import Any
 
 from flwr.app import ConfigRecord
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # ---------------------------------------------------------------- message types
 HANDSHAKE = "query.handshake"  # validate the cohort, answer the requested DP releases
 IDENTIFY = "query.identify"  # which hospital a node is (a resumed run): no data read
 AUDIT = "query.audit"  # DCR and membership attacks on a synthetic sample
+MEASURE = "query.measure"  # noisy marginal tables of the column sets a statistics generator chose
 TRAIN_ACTIONS = ("generator", "sequence", "risk")  # `train.<action>`, one per kind of round model
 
 # ---------------------------------------------------------------- record keys
@@ -20,6 +21,8 @@ ARRAYS = "arrays"  # model weights (train) in and out
 METRICS = "metrics"  # a reply's MetricRecord
 NODE_INFO = "node-info"  # a reply's ConfigRecord naming the hospital (a declared public fact)
 LEDGER = "ledger"  # the audit reply's list of charges (mechanism, sigma, sample rate, steps)
+SYNTHETIC = "synthetic"  # the audit request's encoded sample ("encoded", and "weeks" when linked)
+AUDIT_ANSWERS = "audit"  # the audit reply's MetricRecord of aggregates
 FEDERATION_ID = "federation-id"  # names one run across a crash and its resume
 STATISTICS_PREFIX = "statistics."  # + a release's name: merged DP statistics sent to a stage
 WEIGHT = "num-examples"  # what FedAvg weights a hospital's update by
@@ -34,7 +37,7 @@ class _Request(BaseModel):
 
     def to_config(self) -> ConfigRecord:
         """The request as a ConfigRecord under the wire's key names."""
-        data = self.model_dump(by_alias=True, exclude={"statistics"})
+        data = self.model_dump(by_alias=True, exclude={"statistics"}, exclude_none=True)
         data = {key: json.dumps(value) if isinstance(value, dict) else value for key, value in data.items()}
         return ConfigRecord(data)
 
@@ -57,6 +60,36 @@ class HandshakeRequest(_Request):
     schema_hash: str = Field(alias="schema-hash")
     releases: list[str]
     federation_id: str = Field(default="", alias=FEDERATION_ID)
+
+
+class MeasureRequest(_Request):
+    """One measurement round of a statistics generator: noisy tables of these column sets.
+
+    `weights` is the public split of the model's budget over its rounds (known from the start, so a
+    hospital plans its noise once); `budget_share` its share of the epsilon left at its first round.
+    """
+
+    model: str
+    cliques: list[str]  # column names joined by "|", each a table to measure
+    round_index: int = Field(alias="round-index", ge=1)
+    weights: list[float] = Field(min_length=1)
+    budget_share: float = Field(alias="budget-share", ge=0, le=1)
+    federation_id: str = Field(default="", alias=FEDERATION_ID)
+    # most cells of each multi-column table this round (coarser numeric bins); None: the default
+    table_cells: int | None = Field(default=None, alias="table-cells", ge=4)
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if not all(w > 0 for w in value):
+            raise ValueError("every round's weight must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _round_in_plan(self) -> MeasureRequest:
+        if self.round_index > len(self.weights):
+            raise ValueError(f"round {self.round_index} of a {len(self.weights)}-round plan")
+        return self
 
 
 class TrainRequest(_Request):

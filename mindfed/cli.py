@@ -109,6 +109,7 @@ def simulate(
         )
     final = outcome.metrics["final"]
     console.print(f"[bold green]done[/]: results in {outcome.out_dir}")
+    _print_demo_utility(outcome.metrics.get("demo_check", {}))
     console.print(
         f"  column-shape score vs DP reference histograms: {final['column_shape_vs_dp_reference']:.4f}"
     )
@@ -122,6 +123,22 @@ def simulate(
     _print_sequence_and_audit(outcome.metrics)
     console.print(f"  bundle: {outcome.out_dir / 'bundle'}   synthetic: {outcome.out_dir / 'synthetic'}")
     console.print(f"  report: {outcome.out_dir / 'report.html'}")
+
+
+def _print_demo_utility(check: dict) -> None:
+    """The synthetic table against the real demo cohort: SDMetrics quality and TSTR."""
+    quality, utility = check.get("quality"), check.get("train_synthetic_test_real")
+    if quality:
+        console.print(
+            f"  SDMetrics vs the demo cohort: column shapes {quality['column_shapes']:.4f}, pair trends "
+            f"{quality['column_pair_trends']:.4f}, overall {quality['overall']:.4f}"
+        )
+    if utility:
+        syn, real = utility["synthetic"], utility["real"]
+        console.print(
+            f"  train on synthetic, test on real: AUROC {syn['auroc']:.4f} (real {real['auroc']:.4f}), "
+            f"macro-F1 {syn['macro_f1']:.4f}, high-risk F1 {syn['high_risk_f1']:.4f}"
+        )
 
 
 def _print_sequence_and_audit(metrics: dict) -> None:
@@ -148,21 +165,41 @@ def generate(
         Path | None, typer.Option(help="Output CSV of the linked weeks (default: <out>_timeseries.csv).")
     ] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
+    label_share: Annotated[
+        list[str] | None,
+        typer.Option(help="CLASS=SHARE of the label, e.g. high=0.5 (repeatable; models that support it)."),
+    ] = None,
 ) -> None:
     """Sample synthetic patients offline from an exported bundle (no federation needed)."""
     _setup_logging(False)
     from models.bundle import load_linked_bundle, sample_linked
+    from models.encoder import EncoderError
     from privacy.storage import atomic_write_with
 
-    with _user_errors():
+    with _user_errors(EncoderError):
         table, sequence, card = load_linked_bundle(model)
-    static, weeks = sample_linked(table, sequence, n, seed=seed)
+        shares = _label_shares(label_share or [])
+        static, weeks = sample_linked(table, sequence, n, seed=seed, label_shares=shares)
     atomic_write_with(out, lambda tmp: static.to_csv(tmp, index=False))
     console.print(f"wrote {len(static)} synthetic patients from {card['name']} to {out}")
     if weeks is not None:
         weeks_path = timeseries_out or out.with_name(f"{out.stem}_timeseries.csv")
         atomic_write_with(weeks_path, lambda tmp: weeks.to_csv(tmp, index=False))
         console.print(f"wrote their linked weeks ({len(weeks)} daily rows) to {weeks_path}")
+
+
+def _label_shares(items: list[str]) -> dict[str, float] | None:
+    """CLASS=SHARE items as a dict (None when there are none); a malformed item is named."""
+    shares = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            shares[name] = float(value) if sep and name else float("nan")
+        except ValueError:
+            shares[name] = float("nan")
+        if not 0 < shares[name] < 1:
+            _fail(f"--label-share {item!r}: give CLASS=SHARE with a share between 0 and 1")
+    return shares or None
 
 
 @app.command()

@@ -120,7 +120,21 @@ class RoundModel(Model, Protocol):
 
 @runtime_checkable
 class StatisticsGenerator(Model, Protocol):
-    """Fitted on the server from merged DP statistics only; samples static profiles."""
+    """Fitted on the server from merged DP statistics only; samples static profiles.
+
+    Besides the handshake's releases it may ask the hospitals for noisy tables of column sets it
+    chooses, in measurement rounds (`query.measure`): `measurement_weights` is the public split of
+    its budget over the rounds (empty: none), `select_measurements` picks each round's column sets
+    from DP outputs, `observe` takes the summed tables; then `fit_statistics`.
+    """
+
+    def measurement_weights(self) -> tuple[float, ...]: ...
+
+    def select_measurements(self, round_index: int, statistics: dict[str, Any]) -> list[tuple[str, ...]]: ...
+
+    def measurement_table_cells(self, round_index: int) -> int | None: ...
+
+    def observe(self, tables: dict[str, np.ndarray], noise_sd: float) -> None: ...
 
     def fit_statistics(self, statistics: dict[str, Any]) -> None: ...
 

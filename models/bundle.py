@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -62,10 +63,19 @@ def synthetic_ids(n: int) -> list[str]:
 
 
 def sample_linked(
-    table: Any, sequence: Any | None, n: int, *, seed: int
+    table: Any, sequence: Any | None, n: int, *, seed: int, label_shares: dict[str, float] | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """`n` synthetic profiles with ids, and each one's week from the sequence model (if any)."""
-    static = table.sample(n, seed=seed)
+    """`n` synthetic profiles with ids, and each one's week from the sequence model (if any).
+
+    `label_shares` (e.g. {"high": 0.5}) asks for that mix of the label's classes, from a static
+    model that can sample by label; others refuse it.
+    """
+    if label_shares:
+        if "label_shares" not in inspect.signature(table.sample).parameters:
+            raise BundleError(f"model '{table.registry_name}' cannot sample by label")
+        static = table.sample(n, seed=seed, label_shares=label_shares)
+    else:
+        static = table.sample(n, seed=seed)
     static.insert(0, table.encoder.schema.id_column, synthetic_ids(n))
     return static, (sequence.sample(static, seed=seed) if sequence is not None else None)
 

@@ -13,6 +13,7 @@ T = TypeVar("T", bound=type)
 # module imports no model (and no model module imports another through it).
 BUILTIN_MODELS: dict[str, str] = {
     "dp-ctgan": "models.ctgan_dp:DPCTGAN",
+    "pgm": "models.pgm.model:PrivatePGM",
     "timegan": "models.sequence.timegan:TimeGAN",
 }
 # Modules to import before the first look-up, each registering models with `register`: set by

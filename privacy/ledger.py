@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +44,12 @@ def _epsilon(accountant: RDPAccountant, delta: float) -> float:
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         epsilon, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
     return float(epsilon)
+
+
+def rounds_noise(rho: float, weight: float) -> float:
+    """Noise multiplier of a Gaussian release given share `weight` of a zCDP budget rho: rho_r =
+    1 / (2 z^2) for a release of L2 sensitivity 1, so z = 1 / sqrt(2 weight rho)."""
+    return 1.0 / math.sqrt(2.0 * weight * rho)
 
 
 class BudgetExceededError(RuntimeError):
@@ -95,6 +102,32 @@ class PrivacyLedger:
         if steps > 0:
             trial.history.append((noise_multiplier, sample_rate, steps))
         return _epsilon(trial, self.delta)
+
+    def epsilon_if_releases(self, noise_multipliers: list[float]) -> float:
+        """Epsilon after one further Gaussian release at each noise multiplier (nothing charged)."""
+        trial = RDPAccountant()
+        trial.history = [*copy.deepcopy(self.accountant.history), *((z, 1.0, 1) for z in noise_multipliers)]
+        return _epsilon(trial, self.delta)
+
+    def calibrate_gaussian_rounds(self, *, target_epsilon: float, weights: list[float]) -> float:
+        """The largest zCDP budget rho whose releases, round r at noise multiplier
+        `rounds_noise(rho, w_r)`, keep total epsilon at or below the target (the weights split rho)."""
+        target = min(target_epsilon, self.max_epsilon)
+
+        def fits(log_rho: float) -> bool:
+            sigmas = [rounds_noise(math.exp(log_rho), w) for w in weights]
+            return self.epsilon_if_releases(sigmas) <= target
+
+        low, high = math.log(1e-8), math.log(1e4)
+        if not fits(low):
+            raise BudgetExceededError(
+                f"refused: {len(weights)} Gaussian releases cannot fit in the remaining budget "
+                f"(spent {self.spent():.3f} of max epsilon {self.max_epsilon:g})"
+            )
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return math.exp(low)
 
     def check(self, what: str, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Raise BudgetExceededError unless the planned charge fits; return epsilon after it."""

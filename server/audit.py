@@ -13,6 +13,7 @@ import pandas as pd
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from configs import wire
 from configs.schema import CohortSchema
 from configs.settings import AuditSettings
 from configs.wire import FEDERATION_ID
@@ -53,8 +54,8 @@ def request_audit(
         {"encoder": encoder.to_json(), "encoder-hash": encoder.hash, FEDERATION_ID: federation_id}
     )
     arrays = {"encoded": Array(sample)} | ({"weeks": Array(weeks)} if weeks is not None else {})
-    content = RecordDict({"config": config, "synthetic": ArrayRecord(arrays)})
-    messages = [Message(content, dst_node_id=n, message_type="query.audit") for n in node_ids]
+    content = RecordDict({wire.CONFIG: config, wire.SYNTHETIC: ArrayRecord(arrays)})
+    messages = [Message(content, dst_node_id=n, message_type=wire.AUDIT) for n in node_ids]
     replies = sorted(grid.send_and_receive(messages, timeout=timeout_s), key=hospital_of)
     out = AuditAnswers()
     for reply in replies:
@@ -62,7 +63,7 @@ def request_audit(
         if reply.has_error():
             out.refusals.append({"hospital": hospital, "reason": reply.error.reason})
             continue
-        answers = dict(reply.content.metric_records["audit"])
+        answers = dict(reply.content.metric_records[wire.AUDIT_ANSWERS])
         out.dcr.append({"hospital": hospital, **_prefixed(answers, "dcr/")})
         names = sorted({key.split("/")[1] for key in answers if key.startswith("attack/")})
         out.attacks.extend(
@@ -70,7 +71,7 @@ def request_audit(
         )
         if any(key.startswith("sequence/") for key in answers):
             out.sequence.append({"hospital": hospital, **_prefixed(answers, "sequence/")})
-        entries = json.loads(str(reply.content.config_records["ledger"]["json"]))
+        entries = json.loads(str(reply.content.config_records[wire.LEDGER]["json"]))
         out.ledgers.append(
             {
                 "hospital": hospital,

@@ -11,11 +11,13 @@ from flwr.serverapp import Grid
 from rich.progress import Progress
 
 from configs.settings import RunSettings
+from models.base import ModelKind
 from models.bundle import sample_linked
 from models.encoder import TabularEncoder
 from server.checkpoint import Checkpoint, resumable_checkpoint
 from server.export import export_run
 from server.handshake import HandshakeResult, resumed_handshake, run_handshake, wait_for_nodes
+from server.measure import run_measurements
 from server.plan import Stage, plan_releases, plan_stages
 from server.resume import Checkpointer
 from server.rounds import StageStart, run_stage
@@ -59,13 +61,21 @@ def _run_stages(
     encoder: TabularEncoder,
     handshake: HandshakeResult,
     federation_id: str,
-) -> None:
-    """Every stage from where the run stands: server-side fits, then rounds, each checkpointed."""
+) -> list[dict[str, Any]]:
+    """Every stage from where the run stands: a statistics generator's measurements and fit, then the
+    rounds, each checkpointed; returns the hospitals' measurement refusals."""
     first_stage, start = checkpointer.restore(checkpoint) if checkpoint else (0, StageStart())
+    refusals: list[dict[str, Any]] = []
     if checkpoint is None:  # a resumed run loads a statistics generator's fit from the checkpoint
         for stage in stages:
-            if stage.server_fit is not None:
-                stage.server_fit()  # DP statistics in, no rounds, no epsilon of its own
+            if stage.model.kind == ModelKind.STATISTICS_GENERATOR:
+                refusals += run_measurements(
+                    grid,
+                    stage,
+                    handshake,
+                    timeout_s=settings.federation.round_timeout_s,
+                    federation_id=federation_id,
+                )
     remaining = sum(s.rounds for s in stages[first_stage:]) - (start.first_round - 1)
     with Progress(transient=False) as progress:
         task = progress.add_task("federated training", total=remaining)
@@ -87,6 +97,7 @@ def _run_stages(
             )
             checkpointer.stage_finished(stage, outcome)
             start = StageStart()
+    return refusals
 
 
 def run_federation(
@@ -118,7 +129,7 @@ def run_federation(
         handshake=handshake,
         stages=stages,
     )
-    _run_stages(
+    measurement_refusals = _run_stages(
         grid,
         stages,
         checkpointer,
@@ -156,5 +167,10 @@ def run_federation(
         rounds=checkpointer.rounds,
         stage_scores=checkpointer.scores,
         reference=handshake.reference,
-        extra_metrics={**audit, "federation_id": federation_id, "resumed": resume},
+        extra_metrics={
+            **audit,
+            "federation_id": federation_id,
+            "resumed": resume,
+            "measurement_refusals": measurement_refusals,
+        },
     )

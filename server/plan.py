@@ -34,7 +34,7 @@ ACTIONS = {
 
 @dataclass
 class Stage:
-    """A run of federated rounds for one model (and one phase), or a server-side fit (rounds 0)."""
+    """A run of federated rounds for one model (and one phase); a statistics generator's has none."""
 
     model: Any
     spec: StageSpec
@@ -49,7 +49,6 @@ class Stage:
     controller: SADQC | None = None
     # Made when the stage starts, from what earlier stages trained (post-processing only).
     late_config: Callable[[], dict[str, Any]] | None = None
-    server_fit: Callable[[], None] | None = None  # a statistics generator's fit; no rounds
 
     @property
     def action(self) -> str:
@@ -161,11 +160,8 @@ class _Context:
 
 def _static_stages(spec: StageSpec, model: Any, share: float, ctx: _Context) -> list[Stage]:
     """A statistics generator is fitted on the server; a federated one trains under SA-DQC."""
-    statistics = {name: ctx.handshake.statistics[name] for name in type(model).releases}
-    if model.kind == ModelKind.STATISTICS_GENERATOR:
-        return [
-            Stage(model, spec, 0, model.registry_name, server_fit=lambda: model.fit_statistics(statistics))
-        ]
+    if model.kind == ModelKind.STATISTICS_GENERATOR:  # measured and fitted on the server, no rounds
+        return [Stage(model, spec, 0, model.registry_name, budget_share=share)]
     controller = SADQC(
         SADQCConfig(**ctx.settings.sadqc.model_dump(exclude={"contamination"})), stage=model.registry_name
     )

@@ -100,6 +100,25 @@ def _sequence_check(
     )
 
 
+def _utility_check(demo: DemoCohort, synthetic: pd.DataFrame, settings: RunSettings) -> dict[str, Any]:
+    """SDMetrics quality (column shapes, pair trends) against the whole demo cohort, and a label
+    classifier trained on the synthetic table, tested on fresh demo patients."""
+    from simulation.cohort import generate_demo_cohort
+    from simulation.evaluation import TEST_PATIENTS, TEST_SEED, quality_report, train_synthetic_test_real
+
+    schema = settings.load_schema()
+    # fresh patients: another seed than the cohort's (the same seed would redraw its first rows)
+    seed = TEST_SEED if settings.federation.seed != TEST_SEED else TEST_SEED + 1
+    test = generate_demo_cohort(TEST_PATIENTS, seed=seed).static
+    return {
+        "quality": quality_report(demo.static, synthetic, schema),
+        "train_synthetic_test_real": {
+            **train_synthetic_test_real(synthetic, demo.static, test, schema, seed=settings.federation.seed),
+            "test_seed": seed,
+        },
+    }
+
+
 def simulate(
     *,
     config: Path | None,
@@ -157,7 +176,11 @@ def simulate(
         synthetic = pd.read_csv(out_dir / "synthetic" / "static.csv")
         per_column = column_shape_vs_real(synthetic, demo.static, settings.load_schema())
         score = mean_score(per_column)
-        metrics["demo_check"] = {"column_shape_vs_real": score, "per_column": per_column}
+        metrics["demo_check"] = {
+            "column_shape_vs_real": score,
+            "per_column": per_column,
+            **_utility_check(demo, synthetic, settings),
+        }
         weeks_path = out_dir / "synthetic" / "timeseries.csv"
         if weeks_path.is_file():
             metrics["demo_check"]["sequence"] = _sequence_check(

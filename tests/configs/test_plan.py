@@ -21,22 +21,22 @@ TIMEGAN = {"model": "timegan", "phases": {"embedding": 1, "joint": 1}, "epsilon_
 def test_the_default_plan_is_todays_run() -> None:
     s = load_settings()
     assert [(st.model, st.rounds, st.phases, st.epsilon_share, st.strategy.name) for st in s.stages] == [
-        ("dp-ctgan", 12, {}, 0.4, "fedavg"),
+        ("pgm", 0, {}, 0.4, "fedavg"),
         ("timegan", 0, {"embedding": 6, "supervised": 2, "joint": 8}, 0.4, "fedavg"),
     ]
     # At its first round a hospital spends this share of what it has left: the static generator
     # half of what the handshake left, TimeGAN all the rest.
     assert budget_shares(s) == [0.5, 1.0]
-    assert plan_releases(s) == ["numeric-moments", "sequence-moments"]
+    assert plan_releases(s) == ["sequence-moments"]
 
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"stages.0.rounds": 3}, (3, 6)),
-        ({"stages.dp-ctgan.rounds": 4}, (4, 6)),
-        ({"stages.timegan.phases.embedding": 2}, (12, 2)),
-        (parse_overrides("stages.1.phases.embedding=5"), (12, 5)),
+        ({"stages.0.model": "dp-ctgan", "stages.0.rounds": 3}, (3, 6)),
+        ({"stages.pgm.model": "dp-ctgan", "stages.pgm.rounds": 4}, (4, 6)),
+        ({"stages.timegan.phases.embedding": 2}, (0, 2)),
+        (parse_overrides("stages.1.phases.embedding=5"), (0, 5)),
     ],
 )
 def test_stages_are_overridden_by_position_or_model(overrides: dict, expected: tuple[int, int]) -> None:
@@ -75,7 +75,7 @@ def test_a_bad_plan_is_refused_naming_the_stage(stages: list, message: str) -> N
 
 
 def test_an_override_of_a_missing_stage_is_named() -> None:
-    with pytest.raises(ConfigError, match=r"override 'stages.ctgan': no such entry .*'dp-ctgan', 'timegan'"):
+    with pytest.raises(ConfigError, match=r"override 'stages.ctgan': no such entry .*'pgm', 'timegan'"):
         load_settings(None, {"stages.ctgan.rounds": 2})
 
 
@@ -119,10 +119,10 @@ def test_the_audit_control_cannot_be_chosen_by_a_run_config(overrides: dict) -> 
     result = _settings_in_fresh_process(overrides)
     assert result.returncode == 3, result.stderr[-2000:]
     assert "leaky-replay" in result.stdout
-    assert "allowed" in result.stdout and "'dp-ctgan', 'timegan'" in result.stdout
+    assert "allowed" in result.stdout and "'dp-ctgan', 'pgm', 'timegan'" in result.stdout
 
 
 def test_a_stage_is_left_out_with_false() -> None:
-    s = load_settings(None, parse_overrides("stages.timegan=false stages.dp-ctgan.epsilon_share=0.8"))
-    assert [(st.model, st.epsilon_share) for st in s.stages] == [("dp-ctgan", 0.8)]
+    s = load_settings(None, parse_overrides("stages.timegan=false stages.pgm.epsilon_share=0.8"))
+    assert [(st.model, st.epsilon_share) for st in s.stages] == [("pgm", 0.8)]
     assert budget_shares(s) == [1.0]

@@ -49,7 +49,7 @@ def test_defaults_match_demo_toml() -> None:
     assert s.federation.patients == 4000
     assert s.federation.partition == "non-iid"
     assert s.federation.dirichlet_alpha == 1.0
-    assert s.stages[0].rounds == 12
+    assert (s.stages[0].model, s.stages[0].rounds) == ("pgm", 0)
     assert s.federation.local_epochs == 1
     assert s.federation.batch_size == 64
     assert s.federation.seed == 7
@@ -59,7 +59,7 @@ def test_defaults_match_demo_toml() -> None:
     assert s.privacy.delta == 1e-5
     assert s.privacy.clipping_norm == 1.0
     assert s.privacy.statistics_epsilon_share == 0.2
-    assert [stage.model for stage in s.stages] == ["dp-ctgan", "timegan"]
+    assert [stage.model for stage in s.stages] == ["pgm", "timegan"]
     params = s.model.params_for("dp-ctgan")
     assert params["embedding_dim"] == 64
     assert params["generator_dims"] == [128, 128]

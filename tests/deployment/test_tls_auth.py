@@ -39,6 +39,7 @@ WAIT_S = 240.0  # the longest any single wait may take (a 2-core CI machine unde
 POLL_S = 0.5
 TINY_RUN = (
     f"federation.patients={PATIENTS}",
+    "stages.0.model=dp-ctgan",  # trained in rounds: dropout and resume happen between them
     "export.synthetic_rows=200",
     "export.round_sample_rows=100",
     "model.dp-ctgan.generator_dims=[16]",

@@ -13,7 +13,7 @@ import torch
 
 from configs.schema import CohortSchema, load_schema
 from models import registry
-from models.base import ModelKind, contract_problems
+from models.base import ROUND_KINDS, ModelKind, contract_problems
 from models.bundle import CARD_FILE, WEIGHTS_FILE, BundleError, load_bundle, save_bundle
 from models.encoder import TabularEncoder
 from models.registry import get_model_class, register, registered_models
@@ -107,7 +107,8 @@ def test_every_model_keeps_the_generic_contract(name: str, encoder: TabularEncod
     a, b = _build(name, encoder, seed=1), _build(name, encoder, seed=2)
     assert a.config == cls.Config(**_params(name))
     assert a.encoder is encoder
-    assert not _states_equal(a.state_dict(), b.state_dict())
+    if cls.kind in ROUND_KINDS:  # round models start from a seeded random initialisation
+        assert not _states_equal(a.state_dict(), b.state_dict())
     b.load_state_dict(a.state_dict())
     assert _states_equal(a.state_dict(), b.state_dict())
     sampler = a.sampler_state_dict()

@@ -96,6 +96,18 @@ class TinyMarginals:
             b.name: torch.full((b.width,), 1.0 / b.width) for b in encoder.categorical_blocks()
         }
 
+    def measurement_weights(self) -> tuple[float, ...]:
+        return ()  # the handshake's histograms are all it needs
+
+    def select_measurements(self, round_index: int, statistics: dict[str, Any]) -> list[tuple[str, ...]]:
+        return []
+
+    def measurement_table_cells(self, round_index: int) -> int | None:
+        return None
+
+    def observe(self, tables: dict[str, np.ndarray], noise_sd: float) -> None:
+        raise AssertionError("no measurement rounds were planned")
+
     def fit_statistics(self, statistics: dict[str, Any]) -> None:
         for name in self.probabilities:
             counts = np.clip(statistics[HISTOGRAMS][name], 0.0, None) + 1e-9

@@ -23,6 +23,7 @@ NO_SEQUENCE = {"stages.timegan": False, "stages.0.epsilon_share": 0.8}
 TINY = {
     "federation.patients": 500,
     "federation.hospitals": 2,
+    "stages.0.model": "dp-ctgan",
     "stages.0.rounds": 2,
     "federation.batch_size": 32,
     "export.synthetic_rows": 600,

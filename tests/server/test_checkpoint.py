@@ -138,9 +138,9 @@ def test_settings_changes_list_what_differs_but_not_operational_knobs() -> None:
     saved = flat_settings(load_settings())
     same_but_slower = load_settings(None, {"federation.round_timeout_s": 30.0, "runtime.device": "cpu"})
     assert settings_changes(saved, same_but_slower) == []
-    other = load_settings(None, {"stages.0.rounds": 7, "privacy.max_epsilon": 3.0})
+    other = load_settings(None, {"stages.timegan.phases.joint": 7, "privacy.max_epsilon": 3.0})
     changes = settings_changes(saved, other)
-    assert any(c.startswith("stages:") and "'rounds': 7" in c for c in changes), changes
+    assert any(c.startswith("stages:") and "'joint': 7" in c for c in changes), changes
     assert any(c.startswith("privacy.max_epsilon:") for c in changes), changes
     assert len(changes) == 2
 

@@ -1,0 +1,1 @@
+"""Private-PGM: a marginal-based DP generator estimated with `mbi` from summed noisy marginals."""

@@ -1,0 +1,55 @@
+"""Each static column as a finite set of public cells: categories, or the schema's numeric bins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from configs.schema import CohortSchema, ColumnSpec
+
+
+def cell_count(spec: ColumnSpec) -> int:
+    """Cells of a column: its categories, or its public bins."""
+    return spec.n_cells()
+
+
+def column_cells(values: pd.Series, spec: ColumnSpec) -> np.ndarray:
+    """Each value's cell index (values outside the public range go to the edge cells)."""
+    if spec.is_categorical:
+        assert spec.categories is not None
+        codes = pd.Categorical(values, categories=list(spec.categories)).codes
+        if (codes < 0).any():
+            raise ValueError(f"column '{spec.name}' holds a value outside its categories")
+        return codes.astype(np.int64)
+    edges = spec.bin_edges()
+    x = values.to_numpy(dtype=np.float64)
+    return np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2).astype(np.int64)
+
+
+def to_cells(frame: pd.DataFrame, schema: CohortSchema) -> np.ndarray:
+    """(rows, columns) cell indices in schema order."""
+    return np.stack([column_cells(frame[spec.name], spec) for spec in schema.columns], axis=1)
+
+
+def _values_in_bins(cells: np.ndarray, spec: ColumnSpec, rng: np.random.Generator) -> np.ndarray:
+    """Values drawn uniformly within each row's bin (for integers: uniformly among its integers)."""
+    edges = spec.bin_edges()
+    low, high = edges[cells], edges[cells + 1]
+    if spec.kind == "integer":
+        first, last = np.ceil(low), np.floor(high)
+        last = np.where(last == high, last - 1, last)  # a right edge on an integer belongs to the next bin
+        return (first + np.floor(rng.random(len(cells)) * (last - first + 1))).astype(np.int64)
+    return low + rng.random(len(cells)) * (high - low)
+
+
+def from_cells(cells: np.ndarray, schema: CohortSchema, rng: np.random.Generator) -> pd.DataFrame:
+    """Rows in the schema's types from cell indices: categories as such, numbers drawn in their bin."""
+    data = {}
+    for j, spec in enumerate(schema.columns):
+        if spec.is_categorical:
+            assert spec.categories is not None
+            data[spec.name] = np.asarray(spec.categories, dtype=object)[cells[:, j]]
+        else:
+            values = np.clip(_values_in_bins(cells[:, j], spec, rng), spec.min, spec.max)
+            data[spec.name] = values.astype(np.int64) if spec.kind == "integer" else values
+    return pd.DataFrame(data, columns=schema.column_names)
