@@ -34,6 +34,9 @@ class ColumnSpec(_Frozen):
     unit: str = ""
     missing: Literal["refuse"] = "refuse"
     bins: int | None = Field(default=None, ge=2, le=200)
+    # An integer column whose values come in steps (a DASS-21 subscale is a doubled sum: 0, 2, ..,
+    # 42): public knowledge, so bins hold whole values and synthetic values land on real ones.
+    step: int | None = Field(default=None, ge=2)
 
     @model_validator(mode="after")
     def _check_kind_fields(self) -> ColumnSpec:
@@ -53,6 +56,10 @@ class ColumnSpec(_Frozen):
                 raise ValueError(f"{self.kind} column '{self.name}' takes no categories")
             if self.kind == "integer" and not (float(self.min).is_integer() and float(self.max).is_integer()):
                 raise ValueError(f"integer column '{self.name}' needs whole-number min and max")
+            if self.step is not None and (self.kind != "integer" or (self.max - self.min) % self.step):
+                raise ValueError(
+                    f"column '{self.name}': step needs an integer column whose max - min it divides"
+                )
         return self
 
     @property
@@ -63,11 +70,12 @@ class ColumnSpec(_Frozen):
         """Public bin edges of a numeric column (derived from the schema, never from rows)."""
         assert self.min is not None and self.max is not None
         if self.kind == "integer":
-            span = int(self.max - self.min) + 1
+            step = self.step or 1
+            span = int(self.max - self.min) // step + 1  # the values a row can take
             n_bins = self.bins or min(span, DEFAULT_NUMERIC_BINS)
-            if n_bins >= span:  # one bin per integer value, edges halfway between them
-                return np.arange(self.min - 0.5, self.max + 1.0, 1.0)
-            return np.linspace(self.min - 0.5, self.max + 0.5, n_bins + 1)
+            if n_bins >= span:  # one bin per value, edges halfway between them
+                return np.arange(self.min - step / 2, self.max + step, step)
+            return np.linspace(self.min - step / 2, self.max + step / 2, n_bins + 1)
         return np.linspace(self.min, self.max, (self.bins or DEFAULT_NUMERIC_BINS) + 1)
 
     def n_cells(self) -> int:

@@ -32,6 +32,7 @@ class FederationSettings(_Section):
     batch_size: int = Field(ge=2)
     seed: int = Field(ge=0)
     round_timeout_s: float = Field(gt=0)
+    join_timeout_s: float = Field(gt=0)
     min_replies: int = Field(ge=1)
 
 
@@ -148,11 +149,11 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
 
 
 def _merge_into_list(name: str, items: list[Any], overlay: dict[str, Any]) -> list[Any]:
-    """`stages.0.rounds=2`, `stages.timegan.phases.joint=1`: the item by position or by model;
-    `stages.timegan=false` leaves that item out."""
-    models = [item.get("model") if isinstance(item, dict) else None for item in items]
+    """`stages.0.rounds=2`, `stages.timegan.phases.joint=1`: the item by position or by model (as
+    the overrides before it left it); `stages.timegan=false` leaves that item out."""
     dropped: set[int] = set()
     for key, value in overlay.items():
+        models = [item.get("model") if isinstance(item, dict) else None for item in items]
         index = int(key) if key.isdigit() else (models.index(key) if key in models else None)
         if index is None or index >= len(items) or not (isinstance(value, dict) or value is False):
             raise ConfigError(

@@ -28,7 +28,12 @@ CHECKPOINT_VERSION = 3
 STATE_FILE = "checkpoint.json"
 RELEASE_PREFIX = "release."  # statistics files, apart from the models' weights
 # Knobs that may change between a crash and its resume: they steer operations, not results.
-OPERATIONAL_SETTINGS = ("federation.round_timeout_s", "federation.min_replies", "runtime.")
+OPERATIONAL_SETTINGS = (
+    "federation.round_timeout_s",
+    "federation.join_timeout_s",
+    "federation.min_replies",
+    "runtime.",
+)
 
 
 class CheckpointError(RuntimeError):

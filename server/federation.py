@@ -111,7 +111,7 @@ def run_federation(
     """
     fed = settings.federation
     node_ids = wait_for_nodes(
-        grid, wanted=fed.hospitals, minimum=fed.min_replies, timeout_s=fed.round_timeout_s
+        grid, wanted=fed.hospitals, minimum=fed.min_replies, timeout_s=fed.join_timeout_s
     )
     federation_id, handshake, encoder, checkpoint = _start_or_resume(
         grid, settings, out_dir, node_ids, resume

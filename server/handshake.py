@@ -17,9 +17,8 @@ from configs.settings import RunSettings
 from configs.wire import HandshakeRequest
 from models.releases.base import ReleaseError
 from models.releases.catalog import get_release, releases_for
-from models.releases.histograms import HISTOGRAMS
+from models.releases.counts import HISTOGRAMS, PAIRS
 from models.releases.numeric import NUMERIC_MOMENTS
-from models.releases.pairs import PAIRS
 from models.releases.sequence import SEQUENCE_MOMENTS
 from models.statistics import Histograms
 from server.checkpoint import Checkpoint, CheckpointError
@@ -60,17 +59,42 @@ class HandshakeResult:
         return self.statistics.get(SEQUENCE_MOMENTS)
 
 
-def wait_for_nodes(grid: Grid, *, wanted: int, minimum: int, timeout_s: float) -> list[int]:
-    """Wait until `wanted` nodes are connected, or `timeout_s`, then go on with >= minimum."""
-    deadline = time.monotonic() + timeout_s
+class JoinError(RuntimeError):
+    """Fewer nodes connected than a run needs, after the join timeout."""
+
+
+def wait_for_nodes(
+    grid: Grid, *, wanted: int, minimum: int, timeout_s: float, report_every_s: float = 10.0
+) -> list[int]:
+    """Wait until `wanted` nodes are connected, or `timeout_s`, then go on with >= `minimum`.
+
+    The wait is never silent: every `report_every_s` it logs how many nodes it expects and has,
+    and on going on with fewer, or stopping, it says so with both numbers.
+    """
+    started = time.monotonic()
+    reported = started
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= wanted or time.monotonic() > deadline:
+        now = time.monotonic()
+        if len(nodes) >= wanted or now - started > timeout_s:
             break
+        if now - reported >= report_every_s:
+            logger.info("waiting for nodes: %d of %d expected connected", len(nodes), wanted)
+            reported = now
         time.sleep(0.5)
     if len(nodes) < minimum:
-        raise RuntimeError(
-            f"only {len(nodes)} node(s) connected after {timeout_s:.0f}s; at least {minimum} needed"
+        raise JoinError(
+            f"expected {wanted} node(s) (federation.hospitals), {len(nodes)} connected after "
+            f"{timeout_s:.0f}s (federation.join_timeout_s); at least {minimum} needed "
+            "(federation.min_replies)"
+        )
+    if len(nodes) < wanted:
+        logger.warning(
+            "expected %d node(s) (federation.hospitals), %d connected after %.0fs: going on with %d",
+            wanted,
+            len(nodes),
+            timeout_s,
+            len(nodes),
         )
     return nodes
 

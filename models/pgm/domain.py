@@ -36,9 +36,14 @@ def _values_in_bins(cells: np.ndarray, spec: ColumnSpec, rng: np.random.Generato
     edges = spec.bin_edges()
     low, high = edges[cells], edges[cells + 1]
     if spec.kind == "integer":
-        first, last = np.ceil(low), np.floor(high)
-        last = np.where(last == high, last - 1, last)  # a right edge on an integer belongs to the next bin
-        return (first + np.floor(rng.random(len(cells)) * (last - first + 1))).astype(np.int64)
+        assert spec.min is not None
+        step = spec.step or 1
+        # the column's values (min + k * step) inside [low, high); a right edge on one belongs to the next bin
+        first = np.ceil((low - spec.min) / step)
+        last = np.floor((high - spec.min) / step)
+        last = np.where(spec.min + last * step == high, last - 1, last)
+        k = first + np.floor(rng.random(len(cells)) * (last - first + 1))
+        return (spec.min + k * step).astype(np.int64)
     return low + rng.random(len(cells)) * (high - low)
 
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from models.releases.base import Release, ReleaseError
-from models.releases.histograms import HISTOGRAMS, HistogramRelease
+from models.releases.counts import HISTOGRAM_RELEASE, HISTOGRAMS, PAIR_RELEASE, PAIRS
 from models.releases.numeric import NumericMomentsRelease
-from models.releases.pairs import PAIRS, PairRelease
 from models.releases.sequence import SequenceMomentsRelease
 
 # Measured in this order: the numeric moments standardise with the histograms released before.
 RELEASES: tuple[Release, ...] = (
-    HistogramRelease(),
-    PairRelease(),
+    HISTOGRAM_RELEASE,
+    PAIR_RELEASE,
     NumericMomentsRelease(),
     SequenceMomentsRelease(),
 )

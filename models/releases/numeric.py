@@ -9,7 +9,7 @@ import numpy as np
 from configs.schema import CohortSchema
 from models.numeric_moments import NUMERIC_KEY, numeric_products_problem, release_numeric_products
 from models.releases.base import Members, ReleaseError
-from models.releases.histograms import HISTOGRAMS
+from models.releases.counts import HISTOGRAMS
 from models.statistics import Histograms
 from privacy.ledger import PrivacyLedger
 

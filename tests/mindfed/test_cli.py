@@ -85,7 +85,7 @@ def test_simulate_with_every_hospital_invalid_stops_with_one_message(
     (parent / "only-hospital" / "timeseries.csv").write_bytes((cohort_folder / "timeseries.csv").read_bytes())
     out = tmp_path / "out"
 
-    result = runner.invoke(app, ["simulate", "--cohort", str(parent), "--rounds", "1", "--out", str(out)])
+    result = runner.invoke(app, ["simulate", "--cohort", str(parent), "--out", str(out)])
 
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from models.base import FitReport, LocalData, LocalRound, ModelKind, contract_problems
 from models.encoder import TabularEncoder
 from models.registry import PLUGINS_ENV, register, registered_models
-from models.releases.histograms import HISTOGRAMS
+from models.releases.counts import HISTOGRAMS
 from models.sequence.encoder import SequenceEncoder
 from privacy.dp_training import dp_training
 

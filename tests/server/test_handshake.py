@@ -21,7 +21,7 @@ from models.releases.sequence import SequenceMomentsRelease
 from models.sequence.encoder import SequenceEncoder
 from models.sequence.moments import SequenceMoments
 from privacy.ledger import PrivacyLedger
-from server.handshake import HandshakeError, run_handshake
+from server.handshake import HandshakeError, JoinError, run_handshake, wait_for_nodes
 from server.rounds import StageError, check_stage_trained
 from simulation.cohort import generate_demo_cohort
 from strategies.rounds import RoundLog
@@ -184,3 +184,35 @@ def test_a_handshake_nobody_passes_says_why() -> None:
     spoilers = dict.fromkeys((1, 2, 3), _drop_histograms)
     with pytest.raises(HandshakeError, match="hospital-1: release 'histograms' is missing"):
         run_handshake(HospitalsGrid(spoilers), [1, 2, 3], load_schema(), 10.0, releases=[])
+
+
+# --- joining: never a silent wait ---------------------------------------------------------------
+
+
+class _Arriving(StaticGrid):
+    """Nodes that connect one per poll, up to `final`."""
+
+    def __init__(self, final: int) -> None:
+        super().__init__([])
+        self.final, self.polls = final, 0
+
+    def get_node_ids(self):
+        self.polls += 1
+        return list(range(1, min(self.polls, self.final) + 1))
+
+
+def test_the_wait_ends_when_every_expected_node_is_there() -> None:
+    assert wait_for_nodes(_Arriving(3), wanted=3, minimum=1, timeout_s=30.0) == [1, 2, 3]
+
+
+def test_fewer_nodes_than_expected_go_on_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="server.handshake"):
+        nodes = wait_for_nodes(_Arriving(2), wanted=3, minimum=2, timeout_s=1.2, report_every_s=0.4)
+    assert nodes == [1, 2]
+    assert "waiting for nodes: 2 of 3 expected connected" in caplog.text
+    assert "expected 3 node(s) (federation.hospitals), 2 connected after 1s: going on with 2" in caplog.text
+
+
+def test_too_few_nodes_stop_the_run_with_both_numbers() -> None:
+    with pytest.raises(JoinError, match=r"expected 3 node\(s\).*1 connected after 1s.*at least 2 needed"):
+        wait_for_nodes(_Arriving(1), wanted=3, minimum=2, timeout_s=1.0)

@@ -20,7 +20,7 @@ from models.statistics import histogram_counts
 from privacy.ledger import PrivacyLedger
 from simulation.cohort import generate_demo_cohort
 
-SMALL = {"iterations": 300}
+SMALL = {"iterations": 1000}
 
 
 @pytest.fixture(scope="module")
