@@ -30,7 +30,7 @@ from client.tasks import (
     fits_target,
     handshake_statistics,
     measure_round,
-    measurement_rho,
+    measurement_plan,
     plan_noise_multiplier,
     plan_target_epsilon,
     rebuild_encoder_from,
@@ -219,9 +219,9 @@ def measure(message: Message, context: Context) -> Message:
         request = MeasureRequest.from_config(message.content.config_records.get(wire.CONFIG))
         cohort, _ = _split_cohort(settings, node)
         ledger = load_ledger(context, node)
-        key = f"plan.{request.federation_id}.{request.model}"
-        stored = load_plan(context, node, key)
-        plan = measurement_rho(ledger, request, stored)
+        key = f"measure.{request.federation_id}.{request.model}"
+        plan = measurement_plan(ledger, request, load_plan(context, node, key))
+        save_plan(context, node, key, plan)  # before the charge: a crash after it never re-plans
         tables, z = measure_round(
             cohort,
             settings.load_schema(),
@@ -233,8 +233,6 @@ def measure(message: Message, context: Context) -> Message:
     except _REFUSALS as err:
         return _refuse(message, node, err)
     save_ledger(context, node, ledger)
-    if stored is None:  # made at the model's first round, kept for the rest of the run
-        save_plan(context, node, key, plan)
     content = RecordDict(
         {
             wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in tables.items()}),

@@ -123,7 +123,7 @@ def save_ledger(context: Context, node: NodeSettings, ledger: PrivacyLedger) -> 
         ledger.save(node.state_dir / "ledger.json")
 
 
-def load_plan(context: Context, node: NodeSettings, key: str) -> dict[str, float] | None:
+def load_plan(context: Context, node: NodeSettings, key: str) -> dict[str, Any] | None:
     """A model's privacy plan in this federation ({"target": epsilon, "sigma": ...}), if made."""
     if key in _state(context):
         return json.loads(str(_state(context)[key]))
@@ -131,7 +131,7 @@ def load_plan(context: Context, node: NodeSettings, key: str) -> dict[str, float
     return plans.get(key)
 
 
-def save_plan(context: Context, node: NodeSettings, key: str, plan: dict[str, float]) -> None:
+def save_plan(context: Context, node: NodeSettings, key: str, plan: dict[str, Any]) -> None:
     """Kept with the ledger: a restarted node or a resumed run keeps the same target epsilon."""
     _state(context)[key] = json.dumps(plan)
     if node.state_dir is not None:

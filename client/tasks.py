@@ -1,4 +1,4 @@
-"""Pure client tasks: handshake statistics and one local DP training round."""
+"""Pure client tasks: handshake statistics, one local DP training round, measurement rounds, audit."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def rebuild_encoder_from(encoder_json: str, announced_hash: str, schema: CohortS
     return encoder
 
 
-def plan_target_epsilon(ledger: PrivacyLedger, request: TrainRequest) -> float:
+def plan_target_epsilon(ledger: PrivacyLedger, request: TrainRequest | MeasureRequest) -> float:
     """Cumulative epsilon this model may bring the ledger to: its share of what is left now.
 
     Never above the hospital's own max epsilon; fixed at the model's first round and kept
@@ -250,21 +250,30 @@ def sequence_answers(
     return {f"sequence/{key}": float(value) for key, value in metrics.items()}
 
 
-def measurement_rho(
-    ledger: PrivacyLedger, request: MeasureRequest, plan: dict[str, float] | None
-) -> dict[str, float]:
-    """The model's measurement plan: target epsilon and zCDP budget rho, made at its first round.
+def measurement_plan(
+    ledger: PrivacyLedger, request: MeasureRequest, plan: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The model's measurement plan with this round marked done; refused if the round breaks it.
 
-    The target is the model's share of what is left then (`plan_target_epsilon`); rho is split
-    over the rounds by the request's public weights, so every round's noise is known up front.
+    Made at the model's first round request: the target is its share of what is left then
+    (`plan_target_epsilon`), rho is split over the rounds by the request's public weights, so
+    every round's noise is known up front. Later requests must carry the same weights and a round
+    not measured yet: a server that changed the split or asked for a round twice could otherwise
+    spend more of this hospital's budget than the model's share (the plan is pinned here).
     """
-    if plan is not None:
-        return plan
-    target = ledger.spent() + min(1.0, request.budget_share) * (ledger.max_epsilon - ledger.spent())
-    return {
-        "target": target,
-        "rho": ledger.calibrate_gaussian_rounds(target_epsilon=target, weights=request.weights),
-    }
+    if plan is None:
+        target = plan_target_epsilon(ledger, request)
+        plan = {
+            "target": target,
+            "rho": ledger.calibrate_gaussian_rounds(target_epsilon=target, weights=request.weights),
+            "weights": list(request.weights),
+            "done": [],
+        }
+    elif plan.get("weights") != list(request.weights):
+        raise EncoderError(f"{request.model}: the measurement rounds' weights differ from the plan's")
+    if request.round_index in plan["done"]:
+        raise EncoderError(f"{request.model}: measurement round {request.round_index} was measured already")
+    return {**plan, "done": [*plan["done"], request.round_index]}
 
 
 def _checked_cliques(request: MeasureRequest, schema: CohortSchema) -> list[Clique]:
@@ -275,6 +284,8 @@ def _checked_cliques(request: MeasureRequest, schema: CohortSchema) -> list[Cliq
         unknown = [name for name in clique if name not in schema.column_names]
         if unknown or len(set(clique)) != len(clique) or not 1 <= len(clique) <= 3:
             raise EncoderError(f"measurement '{key}' is not 1-3 distinct columns of the schema")
+        if clique in cliques:  # the noise is sized on the tables sent: each once
+            raise EncoderError(f"measurement '{key}' is asked for twice")
         cliques.append(clique)
     if not cliques:
         raise EncoderError("a measurement round names no column sets")

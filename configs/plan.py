@@ -69,6 +69,15 @@ def _kind_problems(index: int, stage: StageSpec, model_class: type) -> list[str]
     return [] if stage.rounds > 0 else [f"{where}: rounds must be at least 1"]
 
 
+def _share_problems(index: int, stage: StageSpec, model_class: type) -> list[str]:
+    """A model trained by DP-SGD at the hospitals needs some of their budget."""
+    from models.base import ROUND_KINDS
+
+    if model_class.kind in ROUND_KINDS and stage.epsilon_share <= 0:
+        return [f"stages.{index} ({stage.model}): epsilon_share must be above 0 for DP-SGD rounds"]
+    return []
+
+
 def _order_problems(stages: list[StageSpec], kinds: list[Any]) -> list[str]:
     """One static generator (the released table), before any sequence or risk stage."""
     from models.base import STATIC_GENERATOR_KINDS
@@ -105,6 +114,7 @@ def plan_problems(
             continue
         kinds.append(model_class.kind)
         problems += _kind_problems(index, stage, model_class)
+        problems += _share_problems(index, stage, model_class)
         problems += params_problems(stage.model, model_params.get(stage.model, {}))
         try:
             validate_strategy_params(stage.strategy.name, stage.strategy.params)

@@ -181,7 +181,7 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
-    """Parse "federation.rounds=3 privacy.max_epsilon=4.0" (values are TOML literals)."""
+    """Parse "stages.timegan.phases.joint=3 privacy.max_epsilon=4.0" (values are TOML literals)."""
     dotted: dict[str, Any] = {}
     for item in shlex.split(text):
         key, sep, raw = item.partition("=")

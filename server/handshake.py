@@ -111,7 +111,10 @@ def _reply_statistics(reply: Message, names: list[str], schema: CohortSchema) ->
         record = content.array_records.get(name)
         if record is None:
             raise ReleaseError(f"release '{name}' is missing")
-        parts[name] = get_release(name).from_arrays({k: v.numpy() for k, v in record.items()}, schema)
+        try:
+            parts[name] = get_release(name).from_arrays({k: v.numpy() for k, v in record.items()}, schema)
+        except (TypeError, ValueError) as err:  # undecodable arrays, other dtypes: a refusal
+            raise ReleaseError(f"release '{name}' is malformed: {err}") from None
     return parts
 
 

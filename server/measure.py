@@ -22,15 +22,18 @@ logger = logging.getLogger(__name__)
 
 def _reply_tables(
     reply: Message, request: MeasureRequest, schema: Any
-) -> tuple[dict[str, np.ndarray], float]:
-    """A hospital's noisy tables and its noise multiplier, or ValueError naming what is wrong."""
+) -> tuple[dict[str, np.ndarray], float, float]:
+    """A hospital's noisy tables, noise multiplier and epsilon, or ValueError naming what is wrong."""
     if reply.has_error():
         raise ValueError(reply.error.reason)
     record = reply.content.array_records.get(wire.ARRAYS)
     metrics = reply.content.metric_records.get(wire.METRICS)
     if record is None or metrics is None:
         raise ValueError("the reply lacks its tables or metrics")
-    tables = {key: value.numpy() for key, value in record.items()}
+    try:
+        tables = {key: np.asarray(value.numpy(), dtype=np.float64) for key, value in record.items()}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the tables cannot be decoded as numbers: {err}") from None
     cliques = [clique_of(k) for k in request.cliques]
     problem = marginals_problem(tables, schema, cliques, request.table_cells)
     if problem is not None:
@@ -58,7 +61,7 @@ def _measurement_round(
     for reply in replies:
         try:
             tables, z, epsilon = _reply_tables(reply, request, schema)
-        except ValueError as err:
+        except (TypeError, ValueError) as err:
             logger.warning("measurement: %s left out: %s", hospital_of(reply), err)
             refusals.append(
                 {"hospital": hospital_of(reply), "round": request.round_index, "reason": str(err)}
@@ -84,6 +87,9 @@ def run_measurements(
     refusals: list[dict[str, Any]] = []
     for index in range(1, len(weights) + 1):
         cliques = model.select_measurements(index, handshake.statistics)
+        if not cliques:  # e.g. "aim" found nothing worth measuring: this round's budget stays unspent
+            logger.info("%s: round %d has nothing to measure", stage.label, index)
+            continue
         request = MeasureRequest(
             model=model.registry_name,
             cliques=[clique_key(c) for c in cliques],

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.base import ModelKind
 from models.encoder import EncoderError, TabularEncoder
@@ -57,6 +57,13 @@ class PrivatePGM:
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
+
+        @model_validator(mode="after")
+        def _shares_leave_room(self) -> PrivatePGM.Config:
+            if self.selection == "aim" and self.survey_share + self.aim_share >= 1:
+                raise ValueError("survey_share + aim_share must leave the chosen tables a share (< 1)")
+            return self
+
         selection: Literal["mst", "aim"] = "mst"
         # the label's tables with its this many most associated columns, alone and in pairs
         label_neighbours: int = Field(default=3, ge=0, le=5)

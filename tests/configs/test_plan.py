@@ -61,6 +61,7 @@ def test_a_whole_plan_replaces_the_default() -> None:
         ([CTGAN, {**TIMEGAN, "phases": {"warmup": 2}}], "unknown phase(s) ['warmup']"),
         ([CTGAN, {**TIMEGAN, "rounds": 3}], "a phased model takes `phases`"),
         ([{**CTGAN, "rounds": 0}], "rounds must be at least 1"),
+        ([CTGAN, {**TIMEGAN, "epsilon_share": 0.0}], "epsilon_share must be above 0 for DP-SGD rounds"),
         ([{**CTGAN, "phases": {"joint": 1}}], "the model has no phases"),
         ([TIMEGAN], "exactly one static generator stage, got 0"),
         ([TIMEGAN, CTGAN], "stages.0 must be the static generator"),

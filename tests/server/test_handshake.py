@@ -148,6 +148,10 @@ def _infinite_count(content: RecordDict) -> None:
     content[wire.METRICS][wire.WEIGHT] = float("inf")
 
 
+def _text_cells(content: RecordDict) -> None:
+    content["pairs"]["age|gender"] = Array(np.full((10, 3), "x"))
+
+
 def _nan_cell(content: RecordDict) -> None:
     content["pairs"]["age|gender"] = Array(np.full_like(content["pairs"]["age|gender"].numpy(), np.nan))
 
@@ -170,8 +174,9 @@ def test_the_handshake_merges_every_release_the_plan_asked_for() -> None:
         (_drop_histograms, "release 'histograms' is missing"),
         (_infinite_count, "metrics are malformed"),
         (_nan_cell, "pair table 'age|gender' is malformed"),
+        (_text_cells, "release 'pairs' is malformed"),
     ],
-    ids=["missing-record", "inf-count", "nan-cell"],
+    ids=["missing-record", "inf-count", "nan-cell", "text-cells"],
 )
 def test_one_malformed_reply_is_a_refusal_and_the_others_go_on(spoil, reason: str) -> None:
     result = run_handshake(HospitalsGrid({2: spoil}), [1, 2, 3], load_schema(), 10.0, releases=[])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from client.data import Cohort
-from client.tasks import measure_round, measurement_rho
+from client.tasks import measure_round, measurement_plan
 from configs.schema import load_schema
 from configs.wire import MeasureRequest
 from models.bundle import load_bundle, save_bundle
@@ -45,7 +45,7 @@ def fitted() -> tuple[PrivatePGM, list[PrivacyLedger]]:
         )
         total, variance = {}, 0.0
         for h, (static, ledger) in enumerate(zip(hospitals, ledgers, strict=True)):
-            plans[h] = measurement_rho(ledger, request, plans[h])
+            plans[h] = measurement_plan(ledger, request, plans[h])
             tables, z = measure_round(
                 Cohort(static, None), schema, request, ledger=ledger, rho=plans[h]["rho"], seed=h
             )
@@ -105,3 +105,37 @@ def test_state_and_bundle_round_trip_give_the_same_rows(fitted, tmp_path: Path) 
     assert card["model"] == "pgm" and loaded.sample(200, seed=3).equals(model.sample(200, seed=3))
     with pytest.raises(KeyError, match="pgm state needs"):
         again.load_state_dict({"generator.weight": state["total"]})
+
+
+def _request(index: int, weights: list[float], cliques: list[str] | None = None) -> MeasureRequest:
+    return MeasureRequest(
+        model="pgm", cliques=cliques or ["age"], round_index=index, weights=weights, budget_share=0.5
+    )
+
+
+def test_the_measurement_plan_is_pinned_at_the_first_round() -> None:
+    ledger = PrivacyLedger(max_epsilon=4.0, delta=1e-5)
+    plan = measurement_plan(ledger, _request(1, [0.3, 0.7]), None)
+    assert plan["done"] == [1] and plan["weights"] == [0.3, 0.7]
+    assert 0 < plan["target"] == pytest.approx(2.0)
+    # a server that changes the split, or asks for a round twice, would overspend the model's share
+    with pytest.raises(EncoderError, match="weights differ"):
+        measurement_plan(ledger, _request(2, [0.1, 0.9]), plan)
+    with pytest.raises(EncoderError, match="round 1 was measured already"):
+        measurement_plan(ledger, _request(1, [0.3, 0.7]), plan)
+    assert measurement_plan(ledger, _request(2, [0.3, 0.7]), plan)["done"] == [1, 2]
+
+
+def test_a_column_set_asked_for_twice_is_refused_before_anything_is_charged() -> None:
+    ledger = PrivacyLedger(max_epsilon=4.0, delta=1e-5)
+    request = _request(1, [1.0], ["age", "age"])
+    plan = measurement_plan(ledger, request, None)
+    static = generate_demo_cohort(50, seed=1).static
+    with pytest.raises(EncoderError, match="'age' is asked for twice"):
+        measure_round(Cohort(static, None), load_schema(), request, ledger=ledger, rho=plan["rho"], seed=0)
+    assert ledger.entries == []
+
+
+def test_aim_shares_must_leave_the_chosen_tables_a_share() -> None:
+    with pytest.raises(ValueError, match="survey_share \\+ aim_share"):
+        PrivatePGM.Config(selection="aim", survey_share=0.6, aim_share=0.5)
