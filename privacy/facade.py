@@ -117,8 +117,9 @@ def release_noisy_histograms(
     rng: np.random.Generator,
     epsilon: float | None = None,
     noise_multiplier: float | None = None,
+    what: str = "handshake histograms",
 ) -> Histograms:
-    """Gaussian mechanism on all histograms at once, charged to the ledger.
+    """Gaussian mechanism on all histograms at once, charged to the ledger under `what`.
 
     Give either the release's `epsilon` (at the ledger's delta) or its noise multiplier.
     Adding or removing one patient changes one cell of each column's histogram by 1, so the
@@ -134,9 +135,9 @@ def release_noisy_histograms(
             delta=ledger.delta,  # type: ignore[arg-type]
         )
     )
-    ledger.check("handshake histograms", noise_multiplier=z, sample_rate=1.0, steps=1)
+    ledger.check(what, noise_multiplier=z, sample_rate=1.0, steps=1)
     sigma = z * math.sqrt(len(counts))
     noisy = {name: c + rng.normal(0.0, sigma, size=c.shape) for name, c in counts.items()}
-    ledger.charge_gaussian("handshake histograms", noise_multiplier=z)
+    ledger.charge_gaussian(what, noise_multiplier=z)
     logger.info("released %d noisy histograms (sigma=%.2f counts)", len(counts), sigma)
     return noisy

@@ -45,7 +45,9 @@ class CountTablesRelease:
         released: dict[str, Any],
     ) -> Histograms:
         counts = self._counts(members.static, schema)
-        return release_noisy_histograms(counts, ledger=ledger, rng=rng, noise_multiplier=noise_multiplier)
+        return release_noisy_histograms(
+            counts, ledger=ledger, rng=rng, noise_multiplier=noise_multiplier, what=f"handshake {self.name}"
+        )
 
     def to_arrays(self, value: Histograms) -> dict[str, np.ndarray]:
         return dict(value)
