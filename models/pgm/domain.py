@@ -6,24 +6,16 @@ import numpy as np
 import pandas as pd
 
 from configs.schema import CohortSchema, ColumnSpec
-
-
-def cell_count(spec: ColumnSpec) -> int:
-    """Cells of a column: its categories, or its public bins."""
-    return spec.n_cells()
+from models.pairs import cell_codes
 
 
 def column_cells(values: pd.Series, spec: ColumnSpec) -> np.ndarray:
-    """Each value's cell index (values outside the public range go to the edge cells)."""
-    if spec.is_categorical:
-        assert spec.categories is not None
-        codes = pd.Categorical(values, categories=list(spec.categories)).codes
-        if (codes < 0).any():
-            raise ValueError(f"column '{spec.name}' holds a value outside its categories")
-        return codes.astype(np.int64)
-    edges = spec.bin_edges()
-    x = values.to_numpy(dtype=np.float64)
-    return np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2).astype(np.int64)
+    """Each value's public cell (the pair tables' rule with every public bin kept: values outside
+    the range go to the edge cells); a value with no cell (unknown category, missing) is an error."""
+    codes = cell_codes(values, spec, max_bins=spec.n_cells())
+    if (codes < 0).any():
+        raise ValueError(f"column '{spec.name}' holds a value with no public cell")
+    return codes
 
 
 def to_cells(frame: pd.DataFrame, schema: CohortSchema) -> np.ndarray:

@@ -75,10 +75,10 @@ class PrivatePGM:
         iterations: int = Field(default=1500, ge=50, le=20000)  # mirror descent
 
     def __init__(self, encoder: TabularEncoder, config: Config | dict, *, seed: int = 0):
+        # `seed` is the contract's; nothing here is random until `sample`, which takes its own.
         self.encoder = encoder
         self.config = config if isinstance(config, self.Config) else self.Config(**config)
         self.schema = encoder.schema
-        self.seed = seed
         self.survey: list[Measurement] = []  # round 1: every pair, for selection
         self.measurements: list[Measurement] = []  # the tables the model is fit on
         self.potentials: dict[Clique, np.ndarray] = {}
