@@ -8,7 +8,6 @@ import warnings
 import zlib
 from collections import OrderedDict
 
-import numpy as np
 import torch
 from flwr.app import (
     Array,
@@ -23,23 +22,33 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from client.audit import audit_release
 from client.data import Cohort, CohortValidationError, load_cohort, split_holdout
-from client.node import NodeSettings, load_ledger, load_plan, node_settings, save_ledger, save_plan
+from client.egress import egress_guard
+from client.node import (
+    NodeSettings,
+    fresh_noise_seed,
+    holdout_salt,
+    ledger_lock,
+    load_ledger,
+    load_plan,
+    node_settings,
+    save_ledger,
+    save_plan,
+)
+from client.refusals import log_refusal_detail, public_reason
 from client.tasks import (
-    audit_answers,
     fits_target,
     handshake_statistics,
     measure_round,
     measurement_plan,
     plan_noise_multiplier,
     plan_target_epsilon,
-    rebuild_encoder_from,
-    sequence_answers,
     train_round,
 )
 from configs import wire
 from configs.settings import RunSettings, settings_from_run_config
-from configs.wire import HandshakeRequest, MeasureRequest, TrainRequest, WireError
+from configs.wire import AuditRequest, HandshakeRequest, MeasureRequest, TrainRequest, WireError
 from models.encoder import EncoderError
 from models.releases.base import ReleaseError
 from models.releases.catalog import get_release
@@ -51,7 +60,7 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 warnings.filterwarnings("ignore", message=".*Full backward hook.*")
 
-app = ClientApp()
+app = ClientApp(mods=[egress_guard])
 
 # Refusals a hospital makes on purpose: answered as an error reply with a clear reason.
 _REFUSALS = (CohortValidationError, BudgetExceededError, EncoderError, WireError, ReleaseError)
@@ -68,13 +77,19 @@ def _split_cohort(settings: RunSettings, node: NodeSettings) -> tuple[Cohort, Co
     """Validated local data as (members, held-out non-members); only members are ever trained on."""
     schema = settings.load_schema()
     cohort = load_cohort(node.data_dir, schema)
-    return split_holdout(cohort, share=settings.audit.holdout_share, id_column=schema.id_column)
+    return split_holdout(
+        cohort,
+        share=settings.audit.holdout_share,
+        id_column=schema.id_column,
+        salt=holdout_salt(node, run_seed=settings.federation.seed),
+    )
 
 
-def _noise_seed(settings: RunSettings, node: NodeSettings, salt: int) -> int | None:
-    """Seeded noise in simulation only (see NodeSettings.reproducible_noise)."""
+def _noise_seed(settings: RunSettings, node: NodeSettings, salt: int) -> int:
+    """Seeded noise in simulation only (see NodeSettings.reproducible_noise); 64 fresh bits from
+    `secrets` on a deployed node, so nobody can regenerate its DP noise."""
     if not node.reproducible_noise:
-        return None
+        return fresh_noise_seed()
     return settings.federation.seed * 100_003 + zlib.crc32(node.hospital.encode()) % 997 * 101 + salt
 
 
@@ -84,8 +99,9 @@ def _federation_id(message: Message) -> str:
 
 
 def _refuse(message: Message, node: NodeSettings, err: Exception) -> Message:
-    reason = f"{node.hospital}: {err}"
-    logger.warning("refusing %s: %s", message.metadata.message_type, reason)
+    """An error reply naming file, line, column and problem class only; the detail stays in this log."""
+    log_refusal_detail(logger, node.hospital, err, request=message.metadata.message_type)
+    reason = public_reason(err, node.hospital)
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
@@ -97,43 +113,43 @@ def _node_info(node: NodeSettings, **extra: str) -> ConfigRecord:
 def handshake(message: Message, context: Context) -> Message:
     """Validate the local cohort, then answer the DP releases asked for (charged to the ledger)."""
     settings, node = _setup(context, message)
-    schema = settings.load_schema()
-    try:
-        request = HandshakeRequest.from_config(message.content.config_records.get(wire.CONFIG))
-        if request.schema_hash != schema.schema_hash():
-            raise EncoderError("the server's cohort schema differs from this node's (schema hash)")
-        cohort, _ = _split_cohort(settings, node)
-        ledger = load_ledger(context, node)
-        epsilon = settings.privacy.statistics_epsilon_share * node.max_epsilon
-        released = handshake_statistics(
-            cohort,
-            schema,
-            ledger=ledger,
-            epsilon=epsilon,
-            seed=_noise_seed(settings, node, 0),
-            releases=request.releases,
+    with ledger_lock(node):  # load, charge and save: one run at a time on this node
+        schema = settings.load_schema()
+        try:
+            request = HandshakeRequest.from_config(message.content.config_records.get(wire.CONFIG))
+            if request.schema_hash != schema.schema_hash():
+                raise EncoderError("the server's cohort schema differs from this node's (schema hash)")
+            cohort, _ = _split_cohort(settings, node)
+            ledger = load_ledger(context, node)
+            epsilon = settings.privacy.statistics_epsilon_share * node.max_epsilon
+            released = handshake_statistics(
+                cohort,
+                schema,
+                ledger=ledger,
+                epsilon=epsilon,
+                seed=_noise_seed(settings, node, 0),
+                releases=request.releases,
+            )
+        except _REFUSALS as err:
+            return _refuse(message, node, err)
+        save_ledger(context, node, ledger)
+        content = RecordDict(
+            {
+                **{
+                    name: ArrayRecord({k: Array(v) for k, v in get_release(name).to_arrays(value).items()})
+                    for name, value in released.items()
+                },
+                wire.METRICS: MetricRecord(
+                    {
+                        "epsilon": ledger.spent(),
+                        "delta": node.delta,
+                        "max-epsilon": node.max_epsilon,
+                    }
+                ),
+                wire.NODE_INFO: _node_info(node, **{"schema-hash": schema.schema_hash()}),
+            }
         )
-    except _REFUSALS as err:
-        return _refuse(message, node, err)
-    save_ledger(context, node, ledger)
-    content = RecordDict(
-        {
-            **{
-                name: ArrayRecord({k: Array(v) for k, v in get_release(name).to_arrays(value).items()})
-                for name, value in released.items()
-            },
-            wire.METRICS: MetricRecord(
-                {
-                    wire.WEIGHT: cohort.n_patients,
-                    "epsilon": ledger.spent(),
-                    "delta": node.delta,
-                    "max-epsilon": node.max_epsilon,
-                }
-            ),
-            wire.NODE_INFO: _node_info(node, **{"schema-hash": schema.schema_hash()}),
-        }
-    )
-    return Message(content, reply_to=message)
+        return Message(content, reply_to=message)
 
 
 @app.train("generator")
@@ -142,34 +158,37 @@ def handshake(message: Message, context: Context) -> Message:
 def train_model(message: Message, context: Context) -> Message:
     """One round of local DP-SGD on a registered model; refuses past the node's budget."""
     settings, node = _setup(context, message)
-    try:
-        request = TrainRequest.from_config(message.content.config_records.get(wire.CONFIG))
-        state = OrderedDict(message.content.array_records[wire.ARRAYS].to_torch_state_dict())
-        cohort, _ = _split_cohort(settings, node)
-        ledger = load_ledger(context, node)
-        sigma = _noise_plan(context, node, ledger, cohort.n_patients, request, _federation_id(message))
-        new_state, report = train_round(
-            cohort,
-            settings,
-            request,
-            state=state,
-            ledger=ledger,
-            noise_multiplier=float(sigma),
-            device=node.device,
-            seed=_noise_seed(settings, node, request.server_round),
+    with ledger_lock(node):  # load, charge and save: one run at a time on this node
+        try:
+            request = TrainRequest.from_config(message.content.config_records.get(wire.CONFIG))
+            state = OrderedDict(message.content.array_records[wire.ARRAYS].to_torch_state_dict())
+            cohort, _ = _split_cohort(settings, node)
+            ledger = load_ledger(context, node)
+            sigma = _noise_plan(context, node, ledger, cohort.n_patients, request, _federation_id(message))
+            new_state, report = train_round(
+                cohort,
+                settings,
+                request,
+                state=state,
+                ledger=ledger,
+                noise_multiplier=float(sigma),
+                device=node.device,
+                seed=_noise_seed(settings, node, request.server_round),
+            )
+        except _REFUSALS as err:
+            return _refuse(message, node, err)
+        save_ledger(context, node, ledger)
+        # Losses and step counts come from real records: they stay in this hospital's own log.
+        logger.info("%s: %s round %d: %s", node.hospital, request.model, request.server_round, report)
+        metrics = {"epsilon": ledger.spent()}
+        content = RecordDict(
+            {
+                wire.ARRAYS: ArrayRecord(OrderedDict(new_state)),
+                wire.METRICS: MetricRecord(metrics),
+                wire.NODE_INFO: _node_info(node),
+            }
         )
-    except _REFUSALS as err:
-        return _refuse(message, node, err)
-    save_ledger(context, node, ledger)
-    metrics = {wire.WEIGHT: cohort.n_patients, "epsilon": ledger.spent(), **report.as_metrics()}
-    content = RecordDict(
-        {
-            wire.ARRAYS: ArrayRecord(OrderedDict(new_state)),
-            wire.METRICS: MetricRecord(metrics),
-            wire.NODE_INFO: _node_info(node),
-        }
-    )
-    return Message(content, reply_to=message)
+        return Message(content, reply_to=message)
 
 
 def _noise_plan(
@@ -215,33 +234,34 @@ def _noise_plan(
 def measure(message: Message, context: Context) -> Message:
     """Noisy marginal tables for a statistics generator (one Gaussian release, charged)."""
     settings, node = _setup(context, message)
-    try:
-        request = MeasureRequest.from_config(message.content.config_records.get(wire.CONFIG))
-        cohort, _ = _split_cohort(settings, node)
-        ledger = load_ledger(context, node)
-        key = f"measure.{request.federation_id}.{request.model}"
-        plan = measurement_plan(ledger, request, load_plan(context, node, key))
-        save_plan(context, node, key, plan)  # before the charge: a crash after it never re-plans
-        tables, z = measure_round(
-            cohort,
-            settings.load_schema(),
-            request,
-            ledger=ledger,
-            rho=plan["rho"],
-            seed=_noise_seed(settings, node, 1000 + request.round_index),
+    with ledger_lock(node):  # load, charge and save: one run at a time on this node
+        try:
+            request = MeasureRequest.from_config(message.content.config_records.get(wire.CONFIG))
+            cohort, _ = _split_cohort(settings, node)
+            ledger = load_ledger(context, node)
+            key = f"measure.{request.federation_id}.{request.model}"
+            plan = measurement_plan(ledger, request, load_plan(context, node, key))
+            save_plan(context, node, key, plan)  # before the charge: a crash after it never re-plans
+            tables, z = measure_round(
+                cohort,
+                settings.load_schema(),
+                request,
+                ledger=ledger,
+                rho=plan["rho"],
+                seed=_noise_seed(settings, node, 1000 + request.round_index),
+            )
+        except _REFUSALS as err:
+            return _refuse(message, node, err)
+        save_ledger(context, node, ledger)
+        content = RecordDict(
+            {
+                wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in tables.items()}),
+                # the noise multiplier follows from the declared budget alone: a public fact
+                wire.METRICS: MetricRecord({"noise-multiplier": z, "epsilon": ledger.spent()}),
+                wire.NODE_INFO: _node_info(node),
+            }
         )
-    except _REFUSALS as err:
-        return _refuse(message, node, err)
-    save_ledger(context, node, ledger)
-    content = RecordDict(
-        {
-            wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in tables.items()}),
-            # the noise multiplier follows from the declared budget alone: a public fact
-            wire.METRICS: MetricRecord({"noise-multiplier": z, "epsilon": ledger.spent()}),
-            wire.NODE_INFO: _node_info(node),
-        }
-    )
-    return Message(content, reply_to=message)
+        return Message(content, reply_to=message)
 
 
 @app.query("identify")
@@ -258,42 +278,45 @@ def identify(message: Message, context: Context) -> Message:
 
 @app.query("audit")
 def audit(message: Message, context: Context) -> Message:
-    """DCR and membership-inference attacks on this hospital's members vs its held-out records.
+    """The privacy audit, answered once per federation: noisy attack-score histograms (charged).
 
-    The server sends an encoded synthetic sample; the answer holds aggregates and counts only.
+    The node draws its own synthetic sample from the generator the server sends (never rows
+    from the server), so no reply can measure a patient against a probe the server chose.
     """
     settings, node = _setup(context, message)
-    config = message.content.config_records[wire.CONFIG]
-    try:
-        encoder = rebuild_encoder_from(
-            str(config["encoder"]), str(config["encoder-hash"]), settings.load_schema()
+    with ledger_lock(node):  # load, charge and save: one run at a time on this node
+        try:
+            request = AuditRequest.from_config(message.content.config_records.get(wire.CONFIG))
+            if wire.MODEL not in message.content.array_records:
+                raise WireError(f"the audit request has no '{wire.MODEL}' record")
+            state = dict(message.content.array_records[wire.MODEL].to_torch_state_dict())
+            members, holdout = _split_cohort(settings, node)
+            ledger = load_ledger(context, node)
+            key = f"audit.{request.federation_id}"
+            if load_plan(context, node, key) is not None:
+                raise WireError(
+                    f"this node answered the audit of federation '{request.federation_id}' already"
+                )
+            save_plan(context, node, key, {"answered": True})  # before the charge: never twice
+            arrays, noise_sd = audit_release(
+                members,
+                holdout,
+                settings.load_schema(),
+                request,
+                state,
+                ledger=ledger,
+                seed=_noise_seed(settings, node, 2000),
+            )
+        except _REFUSALS as err:
+            return _refuse(message, node, err)
+        save_ledger(context, node, ledger)
+        content = RecordDict(
+            {
+                wire.AUDIT_COUNTS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                wire.METRICS: MetricRecord({"epsilon": ledger.spent(), "noise-sd": noise_sd}),
+                # the charges themselves (mechanism, sigma, sample rate, steps, epsilon after)
+                wire.LEDGER: ConfigRecord({"json": json.dumps([e.model_dump() for e in ledger.entries])}),
+                wire.NODE_INFO: _node_info(node),
+            }
         )
-        members, holdout = _split_cohort(settings, node)
-        synthetic = message.content.array_records[wire.SYNTHETIC]["encoded"].numpy()
-        if synthetic.ndim != 2 or synthetic.shape[1] != encoder.width or not np.isfinite(synthetic).all():
-            raise EncoderError(f"synthetic sample has shape {synthetic.shape}, expected (n, {encoder.width})")
-        answers = audit_answers(
-            members,
-            holdout,
-            synthetic.astype(np.float32),
-            encoder,
-            n_bootstrap=settings.audit.bootstrap,
-            seed=settings.federation.seed,
-        )
-        if "weeks" in message.content.array_records[wire.SYNTHETIC]:
-            weeks = message.content.array_records[wire.SYNTHETIC]["weeks"].numpy().astype(np.float32)
-            answers |= sequence_answers(members, weeks, synthetic, encoder, seed=settings.federation.seed)
-    except _REFUSALS as err:
-        return _refuse(message, node, err)
-    ledger = load_ledger(context, node)
-    content = RecordDict(
-        {
-            wire.AUDIT_ANSWERS: MetricRecord(
-                {"num-examples": members.n_patients, "num-holdout": holdout.n_patients, **answers}
-            ),
-            # the charges themselves (mechanism, sigma, sample rate, steps, epsilon after): no data
-            wire.LEDGER: ConfigRecord({"json": json.dumps([e.model_dump() for e in ledger.entries])}),
-            wire.NODE_INFO: _node_info(node),
-        }
-    )
-    return Message(content, reply_to=message)
+        return Message(content, reply_to=message)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -14,14 +15,58 @@ from configs.schema import CohortSchema, ColumnSpec
 
 # Enough problems for a data team to see the pattern, without flooding the terminal.
 MAX_REPORTED_ISSUES = 20
+# A cell quoted in a message is cut here: a 40 MB cell must never become a 40 MB string.
+MAX_QUOTED_CHARS = 40
+# Backstop for whole messages (library errors quoted in them included).
+MAX_PROBLEM_CHARS = 300
+
+# What kind of problem an issue is: the only description of it that leaves the hospital (see
+# client.refusals), so a fixed vocabulary that can carry neither ids nor cell values.
+ProblemClass = Literal[
+    "folder not found",
+    "file not found",
+    "empty file",
+    "not UTF-8",
+    "unreadable file",
+    "not a CSV table",
+    "no data rows",
+    "missing column",
+    "unexpected column",
+    "missing value",
+    "not a number",
+    "not finite",
+    "not an integer",
+    "out of range",
+    "unknown category",
+    "missing id",
+    "duplicate id",
+    "unknown id",
+    "wrong number of days",
+]
+PROBLEM_CLASSES: frozenset[str] = frozenset(get_args(ProblemClass))
+
+
+def clip(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`text` as a string of at most `limit` characters, an ellipsis marking a cut."""
+    shown = str(text)
+    return shown if len(shown) <= limit else shown[: max(limit - 3, 0)] + "..."
 
 
 @dataclass(frozen=True)
 class ValidationIssue:
+    """One problem: where it is, its class (public) and a human detail (local: may name ids)."""
+
     file: str
     row: int | None  # 1-based line in the file (the header is line 1); None: the whole file
     column: str | None
     problem: str
+    problem_class: ProblemClass
+
+    def __post_init__(self) -> None:
+        # Literal is not checked at run time, and refusals trust the class to be from the list.
+        if self.problem_class not in PROBLEM_CLASSES:
+            raise ValueError(f"unknown problem class {clip(self.problem_class)!r}")
+        object.__setattr__(self, "problem", clip(self.problem, MAX_PROBLEM_CHARS))
 
     def __str__(self) -> str:
         where = self.file
@@ -61,29 +106,29 @@ def _read_table(path: Path, issues: list[ValidationIssue]) -> pd.DataFrame | Non
     """Read CSV (as text, so we parse and report each cell ourselves) or parquet."""
     name = path.name
     if path.stat().st_size == 0:
-        issues.append(ValidationIssue(name, None, None, "file is empty"))
+        issues.append(ValidationIssue(name, None, None, "file is empty", "empty file"))
         return None
     try:
         if path.suffix == ".parquet":
             return pd.read_parquet(path).astype(str).replace({"nan": "", "None": ""})
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        issues.append(ValidationIssue(name, None, None, f"not UTF-8 text (byte {err.start})"))
+        issues.append(ValidationIssue(name, None, None, f"not UTF-8 text (byte {err.start})", "not UTF-8"))
         return None
     except (OSError, ValueError, ImportError) as err:  # ImportError: no parquet engine installed
-        issues.append(ValidationIssue(name, None, None, f"cannot be read: {err}"))
+        issues.append(ValidationIssue(name, None, None, f"cannot be read: {err}", "unreadable file"))
         return None
     try:
         frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skip_blank_lines=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        issues.append(ValidationIssue(name, None, None, f"not a valid CSV table: {err}"))
+        issues.append(ValidationIssue(name, None, None, f"not a valid CSV table: {err}", "not a CSV table"))
         return None
     # The index becomes each row's line in the file (header = line 1), so every message points
     # at the right line even where blank lines were skipped.
     frame.index = np.arange(len(frame)) + 2
     frame = frame[~(frame == "").all(axis=1)]
     if frame.empty:
-        issues.append(ValidationIssue(name, None, None, "has a header but no data rows"))
+        issues.append(ValidationIssue(name, None, None, "has a header but no data rows", "no data rows"))
         return None
     return frame
 
@@ -91,10 +136,15 @@ def _read_table(path: Path, issues: list[ValidationIssue]) -> pd.DataFrame | Non
 def _check_columns(frame: pd.DataFrame, name: str, expected: list[str], issues: list) -> bool:
     missing = [c for c in expected if c not in frame.columns]
     for column in missing:
-        issues.append(ValidationIssue(name, 1, column, "required column is missing"))
+        issues.append(ValidationIssue(name, 1, column, "required column is missing", "missing column"))
     extra = [c for c in frame.columns if c not in expected]
     for column in extra:
-        issues.append(ValidationIssue(name, 1, column, "column is not declared in the schema"))
+        # the name comes from the file's header, which may be a data row: cut like a cell
+        issues.append(
+            ValidationIssue(
+                name, 1, clip(column), "column is not declared in the schema", "unexpected column"
+            )
+        )
     return not missing
 
 
@@ -105,20 +155,26 @@ def _parse_numeric(
     values = pd.to_numeric(stripped, errors="coerce").to_numpy(dtype=np.float64)
     lines = raw.index.to_numpy()
     for i in np.flatnonzero(stripped == ""):
-        issues.append(ValidationIssue(name, int(lines[i]), column, "value is missing"))
+        issues.append(ValidationIssue(name, int(lines[i]), column, "value is missing", "missing value"))
     bad = np.isnan(values) & (stripped != "").to_numpy()
     for i in np.flatnonzero(bad):
-        issues.append(ValidationIssue(name, int(lines[i]), column, f"'{raw.iloc[i]}' is not a number"))
+        issues.append(
+            ValidationIssue(
+                name, int(lines[i]), column, f"'{clip(raw.iloc[i])}' is not a number", "not a number"
+            )
+        )
     finite = np.isfinite(values)
     for i in np.flatnonzero(~finite & ~np.isnan(values)):
-        issues.append(ValidationIssue(name, int(lines[i]), column, f"'{raw.iloc[i]}' is not finite"))
+        issues.append(
+            ValidationIssue(name, int(lines[i]), column, f"'{clip(raw.iloc[i])}' is not finite", "not finite")
+        )
     if integer:
         for i in np.flatnonzero(finite & (values != np.round(values))):
-            issues.append(ValidationIssue(name, int(lines[i]), column, f"{raw.iloc[i]} is not an integer"))
+            problem = f"{clip(raw.iloc[i])} is not an integer"
+            issues.append(ValidationIssue(name, int(lines[i]), column, problem, "not an integer"))
     for i in np.flatnonzero(finite & ((values < low) | (values > high))):
-        issues.append(
-            ValidationIssue(name, int(lines[i]), column, f"{raw.iloc[i]} is outside [{low:g}, {high:g}]")
-        )
+        problem = f"{clip(raw.iloc[i])} is outside [{low:g}, {high:g}]"
+        issues.append(ValidationIssue(name, int(lines[i]), column, problem, "out of range"))
     return values
 
 
@@ -127,11 +183,9 @@ def _parse_static_column(raw: pd.Series, spec: ColumnSpec, file_name: str, issue
         allowed = set(spec.categories or ())
         values = raw.str.strip()
         for i in np.flatnonzero(~values.isin(allowed).to_numpy()):
-            shown = values.iloc[i] or "(empty)"
+            problem = f"'{clip(values.iloc[i] or '(empty)')}' is not one of {sorted(allowed)}"
             issues.append(
-                ValidationIssue(
-                    file_name, int(raw.index[i]), spec.name, f"'{shown}' is not one of {sorted(allowed)}"
-                )
+                ValidationIssue(file_name, int(raw.index[i]), spec.name, problem, "unknown category")
             )
         return values
     assert spec.min is not None and spec.max is not None
@@ -160,7 +214,9 @@ def _find_static(folder: Path) -> Path | None:
 def _load_static(folder: Path, schema: CohortSchema, issues: list) -> pd.DataFrame | None:
     path = _find_static(folder)
     if path is None:
-        issues.append(ValidationIssue("static.csv", None, None, "file not found in the cohort folder"))
+        issues.append(
+            ValidationIssue("static.csv", None, None, "file not found in the cohort folder", "file not found")
+        )
         return None
     frame = _read_table(path, issues)
     if frame is None or not _check_columns(
@@ -173,11 +229,19 @@ def _load_static(folder: Path, schema: CohortSchema, issues: list) -> pd.DataFra
     ids = parsed[schema.id_column]
     for i in np.flatnonzero((ids == "").to_numpy()):
         issues.append(
-            ValidationIssue(path.name, int(ids.index[i]), schema.id_column, "identifier is missing")
+            ValidationIssue(
+                path.name, int(ids.index[i]), schema.id_column, "identifier is missing", "missing id"
+            )
         )
     for i in np.flatnonzero(ids.duplicated().to_numpy() & (ids != "").to_numpy()):
         issues.append(
-            ValidationIssue(path.name, int(ids.index[i]), schema.id_column, f"'{ids.iloc[i]}' repeats")
+            ValidationIssue(
+                path.name,
+                int(ids.index[i]),
+                schema.id_column,
+                f"'{clip(ids.iloc[i])}' repeats",
+                "duplicate id",
+            )
         )
     return pd.DataFrame(parsed)
 
@@ -190,7 +254,9 @@ def _load_timeseries(
         return None
     path = folder / "timeseries.csv"
     if not path.is_file():
-        issues.append(ValidationIssue(path.name, None, None, "file not found in the cohort folder"))
+        issues.append(
+            ValidationIssue(path.name, None, None, "file not found in the cohort folder", "file not found")
+        )
         return None
     frame = _read_table(path, issues)
     columns = [schema.id_column, sequence.day_column, *(c.name for c in sequence.channels)]
@@ -226,7 +292,8 @@ def _load_timeseries(
                     path.name,
                     int(result.index[i]),
                     schema.id_column,
-                    f"'{result[schema.id_column].iloc[i]}' has no row in the static table",
+                    f"'{clip(result[schema.id_column].iloc[i])}' has no row in the static table",
+                    "unknown id",
                 )
             )
         days = result.groupby(schema.id_column)[sequence.day_column].nunique()
@@ -238,8 +305,9 @@ def _load_timeseries(
                         path.name,
                         None,
                         schema.id_column,
-                        f"patient '{pid}' needs exactly {sequence.length} distinct days "
+                        f"patient '{clip(pid)}' needs exactly {sequence.length} distinct days "
                         f"(missing policy '{sequence.missing}'), found {rows.get(pid, 0)} rows",
+                        "wrong number of days",
                     )
                 )
     return result
@@ -249,7 +317,8 @@ def load_cohort(folder: str | Path, schema: CohortSchema) -> Cohort:
     """Read and validate a cohort folder; any problem raises CohortValidationError, listing all."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CohortValidationError(folder, [ValidationIssue(str(folder), None, None, "folder not found")])
+        issue = ValidationIssue(str(folder), None, None, "folder not found", "folder not found")
+        raise CohortValidationError(folder, [issue])
     issues: list[ValidationIssue] = []
     static = _load_static(folder, schema, issues)
     ids = static[schema.id_column] if static is not None else None
@@ -263,16 +332,27 @@ def load_cohort(folder: str | Path, schema: CohortSchema) -> Cohort:
     return Cohort(static=static.reset_index(drop=True), timeseries=timeseries)
 
 
-def split_holdout(cohort: Cohort, *, share: float, id_column: str) -> tuple[Cohort, Cohort]:
-    """Members (trained on) and held-out non-members, by a hash of each patient id.
+def split_holdout(cohort: Cohort, *, share: float, id_column: str, salt: bytes) -> tuple[Cohort, Cohort]:
+    """Members (trained on) and held-out non-members, by HMAC-SHA256(salt, patient id).
 
-    The split depends on the id alone, so it is the same every round, restart and run, and a
-    held-out patient never reaches training, statistics or the encoder.
+    The split depends on the id and the node's salt alone, so it is the same every round,
+    restart and run, and a held-out patient never reaches training, statistics or the encoder.
+    The salt is the node's secret: unsalted, anyone who knows an id could tell whether that
+    patient was trained on.
     """
+    if not isinstance(salt, bytes | bytearray):
+        raise TypeError(f"the holdout salt must be bytes, got {type(salt).__name__}")
+    if not salt:
+        raise ValueError("the holdout salt is empty: the split needs the node's secret salt")
+    key = bytes(salt)
     ids = cohort.static[id_column].astype(str)
-    digest = ids.map(lambda pid: int.from_bytes(hashlib.sha256(pid.encode()).digest()[:8], "big") / 2**64)
-    held = (digest < share).to_numpy()
+    held = ids.map(lambda pid: _unit_interval(key, pid) < share).to_numpy(dtype=bool)
     return _subset(cohort, ~held, id_column), _subset(cohort, held, id_column)
+
+
+def _unit_interval(key: bytes, patient_id: str) -> float:
+    """A keyed, uniform draw in [0, 1) for one patient id."""
+    return int.from_bytes(hmac.digest(key, patient_id.encode(), "sha256")[:8], "big") / 2**64
 
 
 def _subset(cohort: Cohort, rows: np.ndarray, id_column: str) -> Cohort:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from client.data import Cohort
+from client.node import fresh_noise_seed
 from configs.schema import CohortSchema
 from configs.settings import RunSettings
 from configs.wire import MeasureRequest, TrainRequest
@@ -182,7 +183,7 @@ def train_round(
         batch_size=request.batch_size,
         dp=dp,
         device=resolve_device(device),
-        seed=seed if seed is not None else int(torch.seed() % 2**31),
+        seed=seed if seed is not None else fresh_noise_seed(),
         proximal_mu=request.proximal_mu,
         phase=request.phase,
         statistics=_decoded_statistics(request, schema),
@@ -190,7 +191,20 @@ def train_round(
     )
     with_weeks = model_class.kind in WEEK_KINDS and schema.sequence is not None
     report = model.fit_round(local_data(cohort, encoder, with_weeks=with_weeks), plan)
-    return model.state_dict(), report
+    return _without_step_counters(model.state_dict(), state), report
+
+
+def _without_step_counters(
+    new: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The weights with BatchNorm's batch counters as the server sent them.
+
+    The counter counts local steps, a function of the number of patients; with a momentum set
+    (as every model here has) BatchNorm never reads it, so the node returns what it received.
+    """
+    return {
+        k: sent[k].clone() if k.endswith("num_batches_tracked") and k in sent else v for k, v in new.items()
+    }
 
 
 def audit_answers(

@@ -34,6 +34,11 @@ class FederationSettings(_Section):
     round_timeout_s: float = Field(gt=0)
     join_timeout_s: float = Field(gt=0)
     min_replies: int = Field(ge=1)
+    # Public cap on one hospital's FedAvg weight (its DP count from the handshake histograms).
+    max_hospital_weight: float = Field(ge=1, le=1e9)
+    # An update farther than this times max(||global||_2, 1) from the round's global weights is
+    # refused (strategies.validation); finite so one hospital cannot swamp the average.
+    max_update_norm_ratio: float = Field(gt=0, le=1e6)
 
 
 class PrivacySettings(_Section):
@@ -73,7 +78,11 @@ class SADQCSettings(_Section):
 
 class AuditSettings(_Section):
     holdout_share: float = Field(gt=0, lt=1)
-    synthetic_rows: int = Field(ge=10)
+    # Share of max_epsilon the audit's one Gaussian release spends (kept back from the stages).
+    epsilon_share: float = Field(gt=0, lt=1)
+    # After a failed audit the release goes to quarantine/ unless the operator sets this.
+    release_on_fail: bool = False
+    synthetic_rows: int = Field(ge=50, le=50_000)
     bootstrap: int = Field(ge=10)
     max_attack_auc: float = Field(ge=0, le=1)
     max_attack_auc_ci_high: float = Field(ge=0, le=1)
@@ -117,7 +126,12 @@ class RunSettings(_Section):
                     f"model.{key} = {value!r}: models are chosen in the run plan ([[stages]] model = ...), "
                     f"and [model.<name>] holds a model's parameters; allowed models: {allowed}"
                 )
-        problems = plan_problems(self.stages, self.privacy.statistics_epsilon_share, self.model.tables())
+        problems = plan_problems(
+            self.stages,
+            self.privacy.statistics_epsilon_share,
+            self.model.tables(),
+            audit_share=self.audit.epsilon_share,
+        )
         for name in sorted(set(self.model.tables()) - {stage.model for stage in self.stages}):
             if name in allowed:  # a registered model's table is checked even when no stage uses it
                 problems += params_problems(name, self.model.params_for(name))

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # ---------------------------------------------------------------- message types
 HANDSHAKE = "query.handshake"  # validate the cohort, answer the requested DP releases
 IDENTIFY = "query.identify"  # which hospital a node is (a resumed run): no data read
-AUDIT = "query.audit"  # DCR and membership attacks on a synthetic sample
+AUDIT = "query.audit"  # DP histograms of membership-attack scores on the node's own synthetic sample
 MEASURE = "query.measure"  # noisy marginal tables of the column sets a statistics generator chose
 TRAIN_ACTIONS = ("generator", "sequence", "risk")  # `train.<action>`, one per kind of round model
 
@@ -21,11 +21,49 @@ ARRAYS = "arrays"  # model weights (train) in and out
 METRICS = "metrics"  # a reply's MetricRecord
 NODE_INFO = "node-info"  # a reply's ConfigRecord naming the hospital (a declared public fact)
 LEDGER = "ledger"  # the audit reply's list of charges (mechanism, sigma, sample rate, steps)
-SYNTHETIC = "synthetic"  # the audit request's encoded sample ("encoded", and "weeks" when linked)
-AUDIT_ANSWERS = "audit"  # the audit reply's MetricRecord of aggregates
+MODEL = "model"  # the audit request's ArrayRecord: the static generator's sampler state
+AUDIT_COUNTS = "audit-counts"  # the audit reply's noisy score histograms (and their public edges)
 FEDERATION_ID = "federation-id"  # names one run across a crash and its resume
 STATISTICS_PREFIX = "statistics."  # + a release's name: merged DP statistics sent to a stage
-WEIGHT = "num-examples"  # what FedAvg weights a hospital's update by
+
+# ---------------------------------------------------------------- what a reply may carry
+# Every value a hospital sends is one of these; `EGRESS` says which, per message and record, and
+# the ClientApp's egress guard (client/egress.py) refuses to send a reply with anything else.
+DP = "DP release, charged to the hospital's ledger"
+PUBLIC = "declared public fact"
+POST = "post-processing of DP outputs"
+ANY_KEY = "*"  # every key of the record (array names follow the release or the model)
+TRAIN = "train"  # the egress entry shared by every `train.<action>`
+
+_NODE_INFO = {NODE_INFO: {"hospital": PUBLIC, "schema-hash": PUBLIC}}
+# The ledger's epsilon is the hospital's own accounting of the declared plan. For DP-SGD it also
+# reflects Opacus's sample rate 1 / ceil(n / batch size): n enters only on that coarse grid.
+_EPSILON = {"epsilon": PUBLIC}
+EGRESS: dict[str, dict[str, dict[str, str]]] = {
+    HANDSHAKE: {
+        "histograms": {ANY_KEY: DP},
+        "pairs": {ANY_KEY: DP},
+        "numeric-moments": {ANY_KEY: DP},
+        "sequence-moments": {ANY_KEY: DP},
+        METRICS: {**_EPSILON, "delta": PUBLIC, "max-epsilon": PUBLIC},
+        **_NODE_INFO,
+    },
+    TRAIN: {ARRAYS: {ANY_KEY: DP}, METRICS: _EPSILON, **_NODE_INFO},
+    MEASURE: {ARRAYS: {ANY_KEY: DP}, METRICS: {**_EPSILON, "noise-multiplier": PUBLIC}, **_NODE_INFO},
+    IDENTIFY: _NODE_INFO,
+    AUDIT: {
+        # "<attack>": noisy counts; "<attack>.edges": quantiles of the node's own synthetic sample
+        AUDIT_COUNTS: {ANY_KEY: DP},
+        METRICS: {**_EPSILON, "noise-sd": PUBLIC},
+        LEDGER: {"json": PUBLIC},  # the charges: mechanism, sigma, sample rate, steps, epsilon
+        **_NODE_INFO,
+    },
+}
+
+
+def egress_entry(message_type: str) -> dict[str, dict[str, str]] | None:
+    """The classification of a reply to `message_type` (every `train.*` shares one)."""
+    return EGRESS.get(TRAIN if message_type.startswith(TRAIN + ".") else message_type)
 
 
 class WireError(ValueError):
@@ -92,13 +130,43 @@ class MeasureRequest(_Request):
         return self
 
 
-class TrainRequest(_Request):
-    """One round of local training, as the server asks for it (checked before anything runs)."""
+class _ModelRequest(_Request):
+    """A request about one registered model: its name, parameters and the server's encoder."""
 
     model: str
     model_params: dict[str, Any] = Field(alias="model-params")
     encoder_json: str = Field(alias="encoder")
     encoder_hash: str = Field(alias="encoder-hash")
+
+    @field_validator("model_params", mode="before")
+    @classmethod
+    def _params_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"not JSON: {err}") from None
+        return value
+
+
+class AuditRequest(_ModelRequest):
+    """The privacy audit: the node draws its own sample from this generator and answers once.
+
+    The request carries the model (the `MODEL` ArrayRecord), never rows: a server cannot probe a
+    patient by sending that patient's row back as "synthetic data".
+    """
+
+    rows: int = Field(ge=50, le=50_000)  # drawn twice: the attacks' sample and the bins' reference
+    # The same public seed at every hospital: the same sample, so the same bins, and the server
+    # can add the hospitals' noisy counts up. The noise is the node's own.
+    sample_seed: int = Field(alias="sample-seed", ge=0)
+    budget_share: float = Field(alias="budget-share", gt=0, le=1)  # of the epsilon left now
+    federation_id: str = Field(default="", alias=FEDERATION_ID)
+
+
+class TrainRequest(_ModelRequest):
+    """One round of local training, as the server asks for it (checked before anything runs)."""
+
     phase: str = ""  # a phased model's phase; "" otherwise
     model_rounds: int = Field(alias="model-rounds", ge=1)  # this model's rounds over all its phases
     rounds_before: int = Field(alias="rounds-before", ge=0)  # of this model, in earlier phases
@@ -113,16 +181,6 @@ class TrainRequest(_Request):
     stand_ins: bytes = Field(default=b"", alias="stand-ins")  # .npy of DP static samples (sequence)
     # release name -> .npz of the merged DP statistic (see `models.releases`); not a model input key
     statistics: dict[str, bytes] = Field(default_factory=dict)
-
-    @field_validator("model_params", mode="before")
-    @classmethod
-    def _params_from_json(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"not JSON: {err}") from None
-        return value
 
     @property
     def rounds_remaining(self) -> int:

@@ -89,6 +89,9 @@ def simulate(
     resume: Annotated[
         bool, typer.Option(help="Go on from OUT/checkpoint after the last completed round (same settings).")
     ] = False,
+    release_on_fail: Annotated[
+        bool, typer.Option(help="Write bundle/ and synthetic/ even if the privacy audit fails.")
+    ] = False,
 ) -> None:
     """Run a federation through Flower's simulation engine (default: the embedded demo cohort)."""
     _setup_logging(verbose)
@@ -100,6 +103,7 @@ def simulate(
             "federation.hospitals": hospitals,
             "stages.0.rounds": rounds,
             "federation.seed": seed,
+            "audit.release_on_fail": True if release_on_fail else None,
         }.items()
         if value is not None
     }
@@ -121,7 +125,8 @@ def simulate(
             f"(delta {hospital['delta']:g}), {hospital['rounds_trained']} rounds"
         )
     _print_sequence_and_audit(outcome.metrics)
-    console.print(f"  bundle: {outcome.out_dir / 'bundle'}   synthetic: {outcome.out_dir / 'synthetic'}")
+    release = outcome.out_dir / outcome.metrics.get("release", {}).get("folder", "")
+    console.print(f"  bundle: {release / 'bundle'}   synthetic: {release / 'synthetic'}")
     console.print(f"  report: {outcome.out_dir / 'report.html'}")
 
 
@@ -142,10 +147,10 @@ def _print_demo_utility(check: dict) -> None:
 
 
 def _print_sequence_and_audit(metrics: dict) -> None:
-    merged = metrics.get("sequence_evaluation", {}).get("merged", {})
+    merged = metrics.get("demo_check", {}).get("sequence", {})
     if merged:
         console.print(
-            f"  weeks (hospitals' real data): KS mean {merged['ks-mean']:.4f}, discriminative "
+            f"  weeks vs the demo cohort: KS mean {merged['ks-mean']:.4f}, discriminative "
             f"{merged['discriminative']:.4f}, predictive MAE {merged['predictive-mae']:.4f}, "
             f"max link gap {merged.get('link-max-diff', float('nan')):.4f}"
         )
@@ -153,7 +158,10 @@ def _print_sequence_and_audit(metrics: dict) -> None:
     if audit:
         failed = [g["name"] for g in audit["gates"] if not g["passed"]]
         verdict = "[bold green]PASS[/]" if audit["passed"] else f"[bold red]FAIL[/] ({', '.join(failed)})"
-        console.print(f"  privacy audit: {verdict}")
+        cost = max(audit.get("epsilon", {}).values(), default=0.0)
+        console.print(f"  privacy audit: {verdict} (its own cost: epsilon {cost:.3f} at most per hospital)")
+        if metrics.get("release", {}).get("quarantined"):
+            console.print("  [bold red]the release is quarantined[/]: see quarantine/ and report.html")
 
 
 @app.command()

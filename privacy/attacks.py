@@ -129,7 +129,7 @@ def _histogram(values: FloatArray, edges: FloatArray) -> tuple[int, ...]:
     return tuple(int(c) for c in counts)
 
 
-def _nearest_distances(fit: FloatArray, query: FloatArray, k: int) -> FloatArray:
+def nearest_distances(fit: FloatArray, query: FloatArray, k: int) -> FloatArray:
     """Euclidean distances from each query row to its k nearest rows of `fit`, ascending."""
     nn = NearestNeighbors(n_neighbors=k, algorithm="auto", metric="euclidean").fit(fit)
     distances, _ = nn.kneighbors(query)
@@ -168,9 +168,9 @@ def dcr_overfitting_protection(
 
     train, hold = _balance(train, hold, _rng(seed, _STREAM_BALANCE))
     # One k=2 query gives both the DCR to training and the NNDR denominator.
-    d_train_2 = _nearest_distances(train, syn, k=2)
+    d_train_2 = nearest_distances(train, syn, k=2)
     d_train, d_second = d_train_2[:, 0], d_train_2[:, 1]
-    d_hold = _nearest_distances(hold, syn, k=1)[:, 0]
+    d_hold = nearest_distances(hold, syn, k=1)[:, 0]
 
     closer = float(np.mean(d_train < d_hold))
     nndr = np.divide(d_train, d_second, out=np.zeros_like(d_train), where=d_second > 0)
@@ -316,7 +316,7 @@ def _candidates(members: ArrayLike, nonmembers: ArrayLike, seed: int) -> tuple[F
     return _balance(mem, non, _rng(seed, _STREAM_BALANCE))
 
 
-def _scott_bandwidth(x: FloatArray) -> float:
+def scott_bandwidth(x: FloatArray) -> float:
     # Scott's rule for an isotropic kernel: RMS feature std * n^(-1/(d+4)). Falls back to unit
     # scale (inputs are standardised) if the sample is degenerate, e.g. a mode-collapsed generator.
     n, d = x.shape
@@ -324,7 +324,7 @@ def _scott_bandwidth(x: FloatArray) -> float:
     return (sigma if sigma > 0 else 1.0) * n ** (-1.0 / (d + 4))
 
 
-def _gaussian_kde_logpdf(fit: FloatArray, query: FloatArray, bandwidth: float) -> FloatArray:
+def gaussian_kde_logpdf(fit: FloatArray, query: FloatArray, bandwidth: float) -> FloatArray:
     """Exact log-density of an isotropic Gaussian KDE, evaluated blockwise.
 
     Brute force rather than sklearn's KernelDensity: its tree evaluation loses accuracy in the
@@ -359,7 +359,7 @@ def distance_attack(
     mem, non = _candidates(members, nonmembers, seed)
     syn = _as_matrix(synthetic, "synthetic")
     _same_width(members=mem, synthetic=syn)
-    scores = -_nearest_distances(syn, np.vstack([mem, non]), k=1)[:, 0]
+    scores = -nearest_distances(syn, np.vstack([mem, non]), k=1)[:, 0]
     return _summarise("distance", scores[: len(mem)], scores[len(mem) :], seed=seed, n_bootstrap=n_bootstrap)
 
 
@@ -387,8 +387,8 @@ def domias_attack(
     if bandwidth is not None and not bandwidth > 0:
         raise ValueError(f"bandwidth must be positive, got {bandwidth}")
     cand = np.vstack([mem, non])
-    log_syn = _gaussian_kde_logpdf(syn, cand, bandwidth or _scott_bandwidth(syn))
-    log_ref = _gaussian_kde_logpdf(ref, cand, bandwidth or _scott_bandwidth(ref))
+    log_syn = gaussian_kde_logpdf(syn, cand, bandwidth or scott_bandwidth(syn))
+    log_ref = gaussian_kde_logpdf(ref, cand, bandwidth or scott_bandwidth(ref))
     scores = log_syn - log_ref
     return _summarise("domias", scores[: len(mem)], scores[len(mem) :], seed=seed, n_bootstrap=n_bootstrap)
 

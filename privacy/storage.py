@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make a rename in `folder` durable: without it a power cut can bring the old file back."""
+    flag = getattr(os, "O_DIRECTORY", None)
+    if flag is None:  # e.g. Windows: a folder cannot be opened, so there is nothing to flush
+        return
+    fd = os.open(folder, os.O_RDONLY | flag)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # EINVAL: this file system cannot sync a folder at all
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -25,9 +41,11 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """atomic_write_bytes of `text` as UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -43,6 +61,7 @@ def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
 
 
 @contextmanager
@@ -65,3 +84,4 @@ def atomic_directory(path: Path, *, mode: int = 0o755) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    fsync_directory(path.parent)

@@ -1,28 +1,28 @@
-"""Phase 4: the federated privacy audit and the report, from synthetic data and aggregates only."""
+"""Phase 4: the federated privacy audit (DP attack histograms from every hospital) and the report."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from configs import wire
 from configs.schema import CohortSchema
-from configs.settings import AuditSettings
-from configs.wire import FEDERATION_ID
-from models.encoder import TabularEncoder
+from configs.settings import AuditSettings, RunSettings
+from configs.wire import AuditRequest
 from models.pairs import association_differences
 from models.statistics import Histograms
-from privacy.attacks import FPR_GRID
+from privacy.dp_audit import AUDIT_ATTACKS, EDGES_SUFFIX, attack_figures, dcr_protection
 from privacy.storage import atomic_write_text
 from server.report import GateThresholds, ReportResult, write_report
+from server.report_gates import POOLED
 from strategies.rounds import hospital_of
 
 logger = logging.getLogger(__name__)
@@ -32,29 +32,71 @@ AUDIT_INPUTS_FILE = "audit_inputs.json"
 
 @dataclass
 class AuditAnswers:
-    dcr: list[dict[str, Any]] = field(default_factory=list)
-    attacks: list[dict[str, Any]] = field(default_factory=list)
+    """Each hospital's noisy attack histograms ((2, bins) per attack) and noise sd, and its ledger."""
+
+    counts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    edges: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    noise_sd: dict[str, float] = field(default_factory=dict)
     ledgers: list[dict[str, Any]] = field(default_factory=list)
-    sequence: list[dict[str, Any]] = field(default_factory=list)  # per hospital, with "n" weeks
     refusals: list[dict[str, Any]] = field(default_factory=list)
 
 
-def request_audit(
-    grid: Grid,
-    node_ids: list[int],
-    sample: np.ndarray,
-    encoder: TabularEncoder,
-    timeout_s: float,
-    weeks: np.ndarray | None = None,
-    *,
-    federation_id: str = "",
-) -> AuditAnswers:
-    """Send the encoded synthetic sample (and its weeks); collect every hospital's aggregates."""
-    config = ConfigRecord(
-        {"encoder": encoder.to_json(), "encoder-hash": encoder.hash, FEDERATION_ID: federation_id}
+def audit_request(
+    model: Any, settings: RunSettings, *, budget_share: float, federation_id: str
+) -> RecordDict:
+    """The audit message: the static generator's sampler state and a typed request, never rows."""
+    request = AuditRequest(
+        model=model.registry_name,
+        model_params=model.config.model_dump(mode="json"),
+        encoder_json=model.encoder.to_json(),
+        encoder_hash=model.encoder.hash,
+        rows=settings.audit.synthetic_rows,
+        budget_share=budget_share,
+        sample_seed=settings.federation.seed,
+        federation_id=federation_id,
     )
-    arrays = {"encoded": Array(sample)} | ({"weeks": Array(weeks)} if weeks is not None else {})
-    content = RecordDict({wire.CONFIG: config, wire.SYNTHETIC: ArrayRecord(arrays)})
+    state = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in model.sampler_state_dict().items()})
+    return RecordDict({wire.CONFIG: request.to_config(), wire.MODEL: state})
+
+
+def _reply_counts(reply: Message) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """A hospital's noisy histograms and their edges, refused (ValueError) unless every attack's
+    counts are a finite (2, k) array over k - 1 increasing edges."""
+    if (
+        wire.AUDIT_COUNTS not in reply.content.array_records
+        or wire.METRICS not in reply.content.metric_records
+    ):
+        raise ValueError(f"the reply lacks '{wire.AUDIT_COUNTS}' or '{wire.METRICS}'")
+    record = reply.content.array_records[wire.AUDIT_COUNTS]
+    counts, edges = {}, {}
+    for name in AUDIT_ATTACKS:
+        if name not in record:
+            raise ValueError(f"attack '{name}' is missing")
+        array = np.asarray(record[name].numpy(), dtype=np.float64)
+        if array.ndim != 2 or array.shape[0] != 2 or array.shape[1] < 2 or not np.isfinite(array).all():
+            raise ValueError(f"attack '{name}' counts have shape {array.shape} or are not finite")
+        counts[name] = array
+        edges[name] = np.asarray(record[name + EDGES_SUFFIX].numpy(), dtype=np.float64)
+        if edges[name].shape != (array.shape[1] - 1,) or np.any(np.diff(edges[name]) <= 0):
+            raise ValueError(f"attack '{name}' edges do not fit its {array.shape[1]} bins")
+    noise_sd = float(reply.content.metric_records[wire.METRICS]["noise-sd"])
+    if not (np.isfinite(noise_sd) and noise_sd >= 0):
+        raise ValueError(f"noise-sd {noise_sd!r} is not a finite non-negative number")
+    return counts, edges, noise_sd
+
+
+def _ledger_row(reply: Message, hospital: str) -> dict[str, Any]:
+    entries = json.loads(str(reply.content.config_records[wire.LEDGER]["json"]))
+    return {
+        "hospital": hospital,
+        "epsilon": entries[-1]["epsilon_after"] if entries else 0.0,
+        "charges": len(entries),
+        "entries": entries,
+    }
+
+
+def request_audit(grid: Grid, node_ids: list[int], content: RecordDict, timeout_s: float) -> AuditAnswers:
+    """Ask every hospital for its audit release; a malformed answer is that hospital's refusal."""
     messages = [Message(content, dst_node_id=n, message_type=wire.AUDIT) for n in node_ids]
     replies = sorted(grid.send_and_receive(messages, timeout=timeout_s), key=hospital_of)
     out = AuditAnswers()
@@ -63,58 +105,53 @@ def request_audit(
         if reply.has_error():
             out.refusals.append({"hospital": hospital, "reason": reply.error.reason})
             continue
-        answers = dict(reply.content.metric_records[wire.AUDIT_ANSWERS])
-        out.dcr.append({"hospital": hospital, **_prefixed(answers, "dcr/")})
-        names = sorted({key.split("/")[1] for key in answers if key.startswith("attack/")})
-        out.attacks.extend(
-            {"hospital": hospital, "name": name, **_prefixed(answers, f"attack/{name}/")} for name in names
-        )
-        if any(key.startswith("sequence/") for key in answers):
-            out.sequence.append({"hospital": hospital, **_prefixed(answers, "sequence/")})
-        entries = json.loads(str(reply.content.config_records[wire.LEDGER]["json"]))
-        out.ledgers.append(
-            {
-                "hospital": hospital,
-                "epsilon": entries[-1]["epsilon_after"] if entries else 0.0,
-                "charges": len(entries),
-                "entries": entries,
-            }
-        )
+        try:
+            out.counts[hospital], out.edges[hospital], out.noise_sd[hospital] = _reply_counts(reply)
+            out.ledgers.append(_ledger_row(reply, hospital))
+        except (KeyError, TypeError, ValueError) as err:
+            out.counts.pop(hospital, None)
+            out.refusals.append({"hospital": hospital, "reason": f"malformed audit reply: {err}"[:300]})
     return out
 
 
-def merge_sequence_metrics(per_hospital: list[dict[str, Any]]) -> dict[str, float]:
-    """Hospitals' sequence metrics weighted by their real weeks; counts are summed."""
-    if not per_hospital:
-        return {}
-    weights = np.array([float(h.get("n-real", 1.0)) for h in per_hospital])
-    keys = [k for k in per_hospital[0] if k != "hospital"]
-    merged = {}
-    for key in keys:
-        values = np.array([float(h[key]) for h in per_hospital])
-        merged[key] = float(
-            values.sum()
-            if key.startswith("n-") or key.endswith("-n-test")
-            else (weights * values).sum() / weights.sum()
-        )
-    return merged
+def _pooled_parts(answers: AuditAnswers, name: str) -> list[tuple[np.ndarray, float]]:
+    """One attack's histograms of every hospital as one part (counts added, noise in quadrature)
+    when they share bins, as they do when every node drew the same sample; else one per hospital."""
+    hospitals = sorted(answers.counts)
+    parts = [(answers.counts[h][name], answers.noise_sd[h]) for h in hospitals]
+    first = answers.edges[hospitals[0]][name]
+    if all(np.array_equal(answers.edges[h][name], first) for h in hospitals):
+        return [(sum(c for c, _ in parts), float(np.sqrt(sum(sd**2 for _, sd in parts))))]
+    logger.warning("audit: the hospitals' %s bins differ; pooled by vertical averaging", name)
+    return parts
 
 
-def _prefixed(answers: dict[str, Any], prefix: str) -> dict[str, Any]:
-    return {key.removeprefix(prefix): value for key, value in answers.items() if key.startswith(prefix)}
+def audit_rows(
+    answers: AuditAnswers, *, n_bootstrap: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """DCR and attack rows per hospital and pooled (`POOLED`), all from the noisy histograms."""
+    dcr_rows, attack_rows = [], []
+    for where in [*sorted(answers.counts), *([POOLED] if answers.counts else [])]:
+        for name in AUDIT_ATTACKS:
+            if where == POOLED:
+                parts = _pooled_parts(answers, name)
+            else:
+                parts = [(answers.counts[where][name], answers.noise_sd[where])]
+            figures = attack_figures(parts, n_bootstrap=n_bootstrap, seed=seed)
+            attack_rows.append({"hospital": where, "name": name, **asdict(figures)})
+            if name == "distance":
+                dcr_rows.append({"hospital": where, **dcr_protection(figures, parts), **_plot_shares(parts)})
+    return dcr_rows, attack_rows
 
 
-def check_aggregate_only(rows: list[dict[str, Any]]) -> None:
-    """Refuse an answer that could carry per-record values: lists must have public fixed lengths."""
-    fixed = {len(FPR_GRID)}
-    for row in rows:
-        for key, value in row.items():
-            if (
-                isinstance(value, list)
-                and len(value) not in fixed
-                and not key.endswith(("_edges", "_counts"))
-            ):
-                raise ValueError(f"audit answer {key!r} from {row.get('hospital')} is not an aggregate")
+def _plot_shares(parts: list[tuple[np.ndarray, float]]) -> dict[str, list[float]]:
+    """Members' and held-out patients' noisy shares per distance bin, nearest bin last (for a plot)."""
+    shares = [
+        np.clip(c, 0.0, None) / np.maximum(np.clip(c, 0.0, None).sum(axis=1, keepdims=True), 1e-12)
+        for c, _ in parts
+    ]
+    mean = sum(shares) / len(shares)
+    return {"members_share": mean[0].tolist(), "nonmembers_share": mean[1].tolist()}
 
 
 def gates_from(settings: AuditSettings) -> GateThresholds:

@@ -25,14 +25,16 @@ BUNDLE_DIR = "bundle"
 SYNTHETIC_STATIC = Path("synthetic") / "static.csv"
 SYNTHETIC_TIMESERIES = Path("synthetic") / "timeseries.csv"
 METRICS_FILE = "metrics.json"
+# Where a release whose audit failed is written instead (unless the operator passes release-on-fail)
+QUARANTINE_DIR = "quarantine"
 
 
 @dataclass
 class HospitalSummary:
-    """One hospital as the server knows it: aggregate counts and its accountant's figures."""
+    """One hospital as the server knows it: its DP weight and its accountant's figures."""
 
     hospital: str
-    num_examples: int
+    num_examples: float  # the FedAvg weight: a DP count from the handshake, capped (not exact)
     epsilon: float
     delta: float
     max_epsilon: float
@@ -40,10 +42,14 @@ class HospitalSummary:
 
 
 def _hospital_table(
-    handshake_hospitals: dict[int, HospitalSummary], rounds: list[RoundLog]
+    handshake_hospitals: dict[int, HospitalSummary], rounds: list[RoundLog], ledger: list[dict[str, Any]]
 ) -> list[HospitalSummary]:
-    """Latest epsilon each hospital reported (its accountant's figure) and rounds it trained."""
+    """Latest epsilon each hospital reported (its accountant's figure, the audit's charge
+    included: its ledger comes last) and the rounds it trained."""
     table = {node: HospitalSummary(**asdict(h)) for node, h in handshake_hospitals.items()}
+    final = {str(row["hospital"]): float(row["epsilon"]) for row in ledger}
+    for summary in table.values():
+        summary.epsilon = max(summary.epsilon, final.get(summary.hospital, 0.0))
     for log in rounds:
         for entry in log.accepted:
             summary = table.get(entry["node"])
@@ -54,28 +60,18 @@ def _hospital_table(
 
 
 def _round_rows(rounds: list[RoundLog], stage_scores: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
-    rows = []
-    for log in rounds:
-        steps = sum(float(e.get("steps", 0)) for e in log.accepted)
-        # sums over hospitals divided by their counts: mergeable, not pre-averaged
-        losses = {
-            key.removesuffix("-sum").replace("-", "_"): sum(float(e.get(key, 0)) for e in log.accepted)
-            / max(steps, 1)
-            for key in sorted({k for e in log.accepted for k in e if str(k).endswith("-loss-sum")})
+    """One row per round; hospitals' training losses and record counts stay at the hospitals."""
+    return [
+        {
+            "stage": log.stage,
+            "round": log.server_round,
+            "aggregated": log.aggregated,
+            "hospitals": [e["hospital"] for e in log.accepted],
+            "rejected": log.rejected,
+            "score": stage_scores.get(log.stage, {}).get(log.server_round),
         }
-        rows.append(
-            {
-                "stage": log.stage,
-                "round": log.server_round,
-                "aggregated": log.aggregated,
-                "hospitals": [e["hospital"] for e in log.accepted],
-                "rejected": log.rejected,
-                "score": stage_scores.get(log.stage, {}).get(log.server_round),
-                **losses,
-                "records_seen": sum(float(e.get("records-seen", 0)) for e in log.accepted),
-            }
-        )
-    return rows
+        for log in rounds
+    ]
 
 
 def _model_card(
@@ -140,6 +136,7 @@ def _save_bundles(
 def export_run(
     out_dir: Path,
     *,
+    release_folder: str = "",
     model: Any,
     sequence_model: Any | None,
     risk_models: list[Any] | None = None,
@@ -153,34 +150,35 @@ def export_run(
     reference: Histograms,
     extra_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write bundle/, synthetic/ (static.csv, timeseries.csv) and metrics.json; return the metrics."""
+    """Write bundle/ and synthetic/ (static.csv, timeseries.csv) under `out_dir/release_folder`
+    ("quarantine" after a failed audit), and metrics.json in `out_dir`; return the metrics."""
     out_dir = Path(out_dir)
+    release_dir = out_dir / release_folder
     schema = model.encoder.schema
     per_column = column_shape_vs_reference(synthetic, reference, schema)
-    hospitals = [asdict(h) for h in _hospital_table(handshake_hospitals, rounds)]
+    ledger = (extra_metrics or {}).get("ledger", [])
+    hospitals = [asdict(h) for h in _hospital_table(handshake_hospitals, rounds, ledger)]
     final = {
         "column_shape_vs_dp_reference": mean_score(per_column),
         "column_shape_per_column": per_column,
         "synthetic_rows": len(synthetic),
     }
-    ledger = (extra_metrics or {}).get("ledger", [])
-    card = _save_bundles(
-        out_dir,
-        model,
-        sequence_model,
-        list(risk_models or []),
-        _model_card(model, settings, hospitals, rounds, final, ledger),
-    )
-    atomic_write_with(out_dir / SYNTHETIC_STATIC, lambda tmp: synthetic.to_csv(tmp, index=False))
+    card_fields = _model_card(model, settings, hospitals, rounds, final, ledger)
+    audit = (extra_metrics or {}).get("audit")
+    if audit is not None:  # the verdict and what the audit itself cost each hospital
+        card_fields["audit"] = {"passed": audit["passed"], "epsilon": audit.get("epsilon", {})}
+    card = _save_bundles(release_dir, model, sequence_model, list(risk_models or []), card_fields)
+    atomic_write_with(release_dir / SYNTHETIC_STATIC, lambda tmp: synthetic.to_csv(tmp, index=False))
     if timeseries is not None:
-        atomic_write_with(out_dir / SYNTHETIC_TIMESERIES, lambda tmp: timeseries.to_csv(tmp, index=False))
+        atomic_write_with(release_dir / SYNTHETIC_TIMESERIES, lambda tmp: timeseries.to_csv(tmp, index=False))
     metrics = {
         "final": final,
         "hospitals": hospitals,
         "handshake_refusals": refusals,
         "rounds": _round_rows(rounds, stage_scores),
+        "release": {"folder": release_folder, "quarantined": release_folder == QUARANTINE_DIR},
         "bundle": {
-            "path": BUNDLE_DIR,
+            "path": str(Path(release_folder) / BUNDLE_DIR),
             "encoder_hash": card["encoder_hash"],
             "files": card["files"],
         },

@@ -15,7 +15,7 @@ from models.base import ModelKind
 from models.bundle import sample_linked
 from models.encoder import TabularEncoder
 from server.checkpoint import Checkpoint, resumable_checkpoint
-from server.export import export_run
+from server.export import QUARANTINE_DIR, export_run
 from server.handshake import HandshakeResult, resumed_handshake, run_handshake, wait_for_nodes
 from server.measure import run_measurements
 from server.plan import Stage, plan_releases, plan_stages
@@ -39,6 +39,7 @@ def _start_or_resume(
             schema,
             settings.federation.round_timeout_s,
             releases=plan_releases(settings),
+            max_hospital_weight=settings.federation.max_hospital_weight,
             federation_id=federation_id,
         )
         return federation_id, handshake, TabularEncoder.from_histograms(schema, handshake.reference), None
@@ -94,10 +95,23 @@ def _run_stages(
                 start=start,
                 after_round=checkpointer.after_round,
                 hospital_names={node: h.hospital for node, h in handshake.hospitals.items()},
+                weights={h.hospital: h.num_examples for h in handshake.hospitals.values()},
             )
             checkpointer.stage_finished(stage, outcome)
             start = StageStart()
     return refusals
+
+
+def _release_folder(passed: bool, settings: RunSettings) -> str:
+    """Where the release is written: in place after a PASS, under quarantine/ after a FAIL unless
+    the operator set `audit.release_on_fail`."""
+    if passed:
+        return ""
+    if settings.audit.release_on_fail:
+        logger.warning("the audit FAILED; the release is written anyway (audit.release_on_fail)")
+        return ""
+    logger.warning("the audit FAILED: the release is written under %s/ only", QUARANTINE_DIR)
+    return QUARANTINE_DIR
 
 
 def run_federation(
@@ -147,7 +161,7 @@ def run_federation(
         grid,
         settings,
         handshake,
-        encoder,
+        planned.table,
         controller,
         synthetic,
         timeseries,
@@ -156,6 +170,7 @@ def run_federation(
     )
     return export_run(
         out_dir,
+        release_folder=_release_folder(bool(audit["audit"]["passed"]), settings),
         model=planned.table,
         sequence_model=planned.sequence,
         risk_models=planned.risk_models,

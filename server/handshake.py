@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from configs import wire
@@ -26,6 +27,23 @@ from server.export import HospitalSummary
 from strategies.rounds import hospital_of
 
 logger = logging.getLogger(__name__)
+
+# A real count cell holds at most a hospital's patients plus Gaussian noise. The factor leaves
+# room for a hospital larger than the public cap `federation.max_hospital_weight` (its weight is
+# merely clipped to the cap); the noise room is far beyond any honest draw: sigma per cell is
+# z * sqrt(tables), a few thousand even at a tiny epsilon (z ~ 500 at epsilon 0.01, 45 pair
+# tables: sigma ~ 3400), so 1e6 is > 250 sigma. A cell beyond that is no count, and two cells of
+# 1e308 would overflow the merged sum to inf (and the marginal to NaN).
+COUNT_CELL_FACTOR = 10.0
+COUNT_NOISE_ROOM = 1e6
+# Moments (numeric, sequence) are on the columns' own scale and have no count-sized bound; this
+# one only keeps their sum over up to 1000 hospitals (federation.hospitals), and its square, finite.
+MOMENT_VALUE_BOUND = 1e100
+COUNT_RELEASES = (HISTOGRAMS, PAIRS)
+# A node may only lower the run's privacy.max_epsilon, whose own ceiling (PrivacySettings) is 100.
+MAX_EPSILON_CEILING = 100.0
+# The ledger lets a charge land up to 1e-9 above max epsilon (float rounding); allow that, no more.
+EPSILON_SLACK = 1e-6
 
 
 class HandshakeError(RuntimeError):
@@ -99,67 +117,108 @@ def wait_for_nodes(
     return nodes
 
 
-def _reply_statistics(reply: Message, names: list[str], schema: CohortSchema) -> dict[str, Any]:
-    """A hospital's releases, each checked by its own `from_arrays`; ReleaseError names the first bad one."""
+def count_cell_bound(max_hospital_weight: float) -> float:
+    """The largest |cell| a hospital's count table (histograms, pairs) may hold."""
+    return COUNT_CELL_FACTOR * max_hospital_weight + COUNT_NOISE_ROOM
+
+
+def dp_weight(histograms: Histograms, max_hospital_weight: float) -> float:
+    """A hospital's FedAvg weight: its noisy column totals averaged, clipped to [1, the cap]."""
+    # Every column's noisy histogram sums to n plus that column's noise; averaging the columns'
+    # totals shrinks the noise. Post-processing of the released histograms: no extra epsilon.
+    totals = [float(np.sum(counts)) for counts in histograms.values()]
+    return float(np.clip(np.mean(totals) if totals else 1.0, 1.0, max_hospital_weight))
+
+
+def _finite_metric(metrics: MetricRecord, key: str) -> float:
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ReleaseError(f"the reply's metrics are malformed: '{key}' is {value!r}, not a finite number")
+    return float(value)
+
+
+def _accountant(content: RecordDict) -> tuple[float, float, float]:
+    """(epsilon, delta, max epsilon) the hospital declares, each finite and in its range."""
+    if wire.METRICS not in content.metric_records:
+        raise ReleaseError(f"the reply has no '{wire.METRICS}' record")
+    metrics = content.metric_records[wire.METRICS]
+    epsilon, delta, max_epsilon = (_finite_metric(metrics, k) for k in ("epsilon", "delta", "max-epsilon"))
+    ranges = [
+        (
+            0 < max_epsilon <= MAX_EPSILON_CEILING,
+            f"max-epsilon {max_epsilon:g} not in (0, {MAX_EPSILON_CEILING:g}]",
+        ),
+        (0 < delta < 1, f"delta {delta:g} not in (0, 1)"),
+        (0 <= epsilon <= max_epsilon + EPSILON_SLACK, f"epsilon {epsilon:g} not in [0, max-epsilon]"),
+    ]
+    for within, problem in ranges:
+        if not within:
+            raise ReleaseError(f"the reply's metrics are malformed: {problem}")
+    return epsilon, delta, max_epsilon
+
+
+def _release(name: str, record: ArrayRecord, schema: CohortSchema, bound: float) -> Any:
+    """One release back from the wire, its values finite and within `bound`; else ReleaseError."""
+    release = get_release(name)
+    try:
+        value = release.from_arrays({k: v.numpy() for k, v in record.items()}, schema)
+        arrays = release.to_arrays(value)
+    except ReleaseError:
+        raise
+    except Exception as err:  # undecodable bytes, other dtypes: a refusal, never a crash
+        raise ReleaseError(f"release '{name}' is malformed: {err}") from None
+    for key, array in arrays.items():
+        values = np.asarray(array, dtype=np.float64)
+        if not np.isfinite(values).all() or np.abs(values).max(initial=0.0) > bound:
+            raise ReleaseError(f"release '{name}' part '{key}' has values beyond |{bound:g}| or non-finite")
+    return value
+
+
+def check_reply(
+    reply: Message, names: list[str], schema: CohortSchema, *, max_hospital_weight: float
+) -> tuple[HospitalSummary, dict[str, Any]]:
+    """A hospital's summary (its DP weight) and releases; ReleaseError names the first problem."""
     if reply.has_error():
         raise ReleaseError(reply.error.reason)
     content = reply.content
-    if wire.METRICS not in content.metric_records:
-        raise ReleaseError(f"the reply has no '{wire.METRICS}' record")
-    parts = {}
+    epsilon, delta, max_epsilon = _accountant(content)
+    statistics = {}
     for name in names:
         record = content.array_records.get(name)
         if record is None:
             raise ReleaseError(f"release '{name}' is missing")
-        try:
-            parts[name] = get_release(name).from_arrays({k: v.numpy() for k, v in record.items()}, schema)
-        except (TypeError, ValueError) as err:  # undecodable arrays, other dtypes: a refusal
-            raise ReleaseError(f"release '{name}' is malformed: {err}") from None
-    return parts
+        bound = count_cell_bound(max_hospital_weight) if name in COUNT_RELEASES else MOMENT_VALUE_BOUND
+        statistics[name] = _release(name, record, schema, bound)
+    weight = dp_weight(statistics[HISTOGRAMS], max_hospital_weight)
+    summary = HospitalSummary(hospital_of(reply), weight, epsilon, delta, max_epsilon)
+    return summary, statistics
 
 
-def _summary(reply: Message, hospital: str) -> HospitalSummary:
-    metrics = reply.content.metric_records[wire.METRICS]
-    try:
-        return HospitalSummary(
-            hospital=hospital,
-            num_examples=int(metrics[wire.WEIGHT]),
-            epsilon=float(metrics["epsilon"]),
-            delta=float(metrics["delta"]),
-            max_epsilon=float(metrics["max-epsilon"]),
-        )
-    except (KeyError, TypeError, ValueError, OverflowError) as err:
-        raise ReleaseError(f"the reply's metrics are malformed: {err!r}") from None
-
-
-def run_handshake(
-    grid: Grid,
+def collect_replies(
+    replies: list[Message],
     node_ids: list[int],
+    names: list[str],
     schema: CohortSchema,
-    timeout_s: float,
     *,
-    releases: list[str],
-    federation_id: str = "",
+    max_hospital_weight: float,
 ) -> HandshakeResult:
-    """Every node validates its data and answers its DP releases; malformed answers are refusals."""
-    names = [release.name for release in releases_for(releases)]
-    request = HandshakeRequest(schema_hash=schema.schema_hash(), releases=names, federation_id=federation_id)
-    content = RecordDict({wire.CONFIG: request.to_config()})
-    messages = [Message(content, dst_node_id=n, message_type=wire.HANDSHAKE) for n in node_ids]
-    # Sorted by hospital so the merged float sums (and the encoder hash) repeat run to run.
-    replies = sorted(grid.send_and_receive(messages, timeout=timeout_s), key=hospital_of)
+    """Check every reply, merge the passing hospitals' releases; the rest become `refusals`."""
     hospitals: dict[int, HospitalSummary] = {}
     parts: dict[str, list[Any]] = {name: [] for name in names}
     refusals: list[dict[str, Any]] = []
-    for reply in replies:
+    # Sorted by hospital so the merged float sums (and the encoder hash) repeat run to run.
+    for reply in sorted(replies, key=hospital_of):
         node, hospital = reply.metadata.src_node_id, hospital_of(reply)
         try:
-            statistics = _reply_statistics(reply, names, schema)
-            hospitals[node] = _summary(reply, hospital)
+            if any(h.hospital == hospital for h in hospitals.values()):
+                # weights are keyed by hospital name in training: one name, one node
+                raise ReleaseError(f"another node already answered as '{hospital}'")
+            summary, statistics = check_reply(reply, names, schema, max_hospital_weight=max_hospital_weight)
         except ReleaseError as err:
             logger.warning("handshake: %s (node %d) left out: %s", hospital, node, err)
             refusals.append({"hospital": hospital, "node": node, "reason": str(err)})
             continue
+        hospitals[node] = summary
         for name, value in statistics.items():
             parts[name].append(value)
     for node in sorted(set(node_ids) - {r.metadata.src_node_id for r in replies}):
@@ -169,6 +228,25 @@ def run_handshake(
         raise HandshakeError(f"no hospital passed the handshake: {reasons}")
     merged = {name: get_release(name).merge(values) for name, values in parts.items()}
     return HandshakeResult(sorted(hospitals), hospitals, merged, refusals)
+
+
+def run_handshake(
+    grid: Grid,
+    node_ids: list[int],
+    schema: CohortSchema,
+    timeout_s: float,
+    *,
+    releases: list[str],
+    max_hospital_weight: float,
+    federation_id: str = "",
+) -> HandshakeResult:
+    """Every node validates its data and answers its DP releases; malformed answers are refusals."""
+    names = [release.name for release in releases_for(releases)]
+    request = HandshakeRequest(schema_hash=schema.schema_hash(), releases=names, federation_id=federation_id)
+    content = RecordDict({wire.CONFIG: request.to_config()})
+    messages = [Message(content, dst_node_id=n, message_type=wire.HANDSHAKE) for n in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    return collect_replies(replies, node_ids, names, schema, max_hospital_weight=max_hospital_weight)
 
 
 def identify_nodes(grid: Grid, node_ids: list[int], timeout_s: float) -> dict[int, str]:

@@ -88,6 +88,13 @@ def budget_shares(settings: RunSettings) -> list[float]:
     return shares
 
 
+def audit_budget_share(settings: RunSettings) -> float:
+    """The audit's share of the epsilon a hospital has left when it comes: its declared share of
+    max epsilon over what the plan leaves after the handshake and every stage."""
+    left = 1.0 - settings.privacy.statistics_epsilon_share - sum(s.epsilon_share for s in settings.stages)
+    return min(1.0, settings.audit.epsilon_share / max(left, settings.audit.epsilon_share))
+
+
 def stage_request(
     stage: Stage, encoder: TabularEncoder, settings: RunSettings, federation_id: str
 ) -> ConfigRecord:

@@ -149,7 +149,7 @@ def write_report(
     synthetic minus reference association (`models.pairs.association_differences`). dcr / attacks:
     one dict per hospital (and attack) with DCRResult / AttackResult fields plus `hospital`.
     ledger: one dict per hospital (scalars, optional `entries` list of charges). decisions:
-    `SADQC.decisions()`. Gates are evaluated on the worst hospital / attack (`evaluate_gates`).
+    `SADQC.decisions()`. Gates are evaluated on the pooled rows and per hospital (`evaluate_gates`).
     """
     gates = gates or GateThresholds()
     out_dir = Path(out_dir)
@@ -166,7 +166,7 @@ def write_report(
             "passed": passed,
             "gates": {
                 "thresholds": gates.model_dump(),
-                "evaluated_on": "worst hospital and attack",
+                "evaluated_on": "every hospital pooled (worst attack); per hospital: CI lower bound",
                 "results": [g.model_dump() for g in gate_results],
             },
             "quality": {

@@ -1,4 +1,4 @@
-"""Audit pass/fail gates: thresholds, per-gate results, and their evaluation on the worst hospital."""
+"""Audit pass/fail gates: thresholds, per-gate results, and their evaluation on the audit's figures."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# The row every hospital's figures pooled into (vertical averaging): the gates' evidence.
+POOLED = "all hospitals"
 
 
 class GateThresholds(BaseModel):
@@ -73,39 +76,59 @@ def _gate(
     )  # fmt: skip
 
 
+def _pooled(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The pooled rows when there are any (a DP audit), else every row."""
+    pooled = [r for r in rows if r.get("hospital") == POOLED]
+    return pooled or list(rows)
+
+
 def evaluate_gates(
     dcr: Sequence[Mapping[str, Any]], attacks: Sequence[Mapping[str, Any]], gates: GateThresholds
 ) -> list[GateResult]:
-    """The four gates, each on the worst hospital / attack (largest AUC, CI upper bound and TPR,
-    smallest DCR protection). No results for a gate, or a non-finite one, fails it."""
-    where = [f"{a.get('hospital', '?')} / {a.get('name', '?')}" for a in attacks]
+    """The gates on the pooled figures: the worst attack's AUC, AUC interval upper bound and TPR at
+    1% FPR (its interval's lower bound), the DCR protection; and per hospital, that no attack's AUC
+    is significantly above the AUC gate (its interval's lower bound). No results, or a non-finite
+    one, fail."""
+    pooled = _pooled(attacks)
+    where = [f"{a.get('hospital', '?')} / {a.get('name', '?')}" for a in pooled]
+    per_hospital = [a for a in attacks if a.get("hospital") != POOLED]
     return [
         _gate(
             "membership attack AUC",
             "auc",
             "<=",
             gates.max_attack_auc,
-            [(w, a.get("auc")) for w, a in zip(where, attacks, strict=True)],
+            [(w, a.get("auc")) for w, a in zip(where, pooled, strict=True)],
         ),
         _gate(
             "attack AUC 95% CI upper bound",
             "auc_ci_high",
             "<=",
             gates.max_attack_auc_ci_high,
-            [(w, a.get("auc_ci_high")) for w, a in zip(where, attacks, strict=True)],
+            [(w, a.get("auc_ci_high")) for w, a in zip(where, pooled, strict=True)],
         ),
+        # At 1% FPR a few held-out patients decide the figure, and the release's noise is of the
+        # same size: the point estimate alone would fail a chance-level attack often (README), so
+        # the gate asks that the TPR is not significantly above the threshold.
         _gate(
-            "attack TPR at 1% FPR",
-            "tpr_at_1pct_fpr",
+            "attack TPR at 1% FPR (interval lower bound)",
+            "tpr_at_1pct_fpr_ci_low",
             "<=",
             gates.max_tpr_at_1pct_fpr,
-            [(w, a.get("tpr_at_1pct_fpr")) for w, a in zip(where, attacks, strict=True)],
+            [(w, a.get("tpr_at_1pct_fpr_ci_low")) for w, a in zip(where, pooled, strict=True)],
         ),
         _gate(
             "DCR overfitting protection",
             "score",
             ">=",
             gates.min_dcr_protection,
-            [(str(d.get("hospital", "?")), d.get("score")) for d in dcr],
+            [(str(d.get("hospital", "?")), d.get("score")) for d in _pooled(dcr)],
+        ),
+        _gate(
+            "no hospital significantly above the AUC gate",
+            "auc_ci_low",
+            "<=",
+            gates.max_attack_auc,
+            [(f"{a.get('hospital', '?')} / {a.get('name', '?')}", a.get("auc_ci_low")) for a in per_hospital],
         ),
     ]

@@ -99,22 +99,21 @@ def heatmap_png(schema: CohortSchema, pair_differences: Mapping[str, float]) -> 
 
 
 def dcr_png(entry: Mapping[str, Any]) -> str:
-    """One hospital's distance-to-closest-record histograms, to training vs to holdout rows."""
-    edges = np.asarray(entry.get("dcr_bin_edges", ()), dtype=np.float64)
-    train = np.asarray(entry.get("dcr_training_counts", ()), dtype=np.float64)
-    hold = np.asarray(entry.get("dcr_holdout_counts", ()), dtype=np.float64)
+    """Members' and held-out patients' shares per distance bin (noisy), nearest bin on the right."""
+    members = np.asarray(entry.get("members_share", ()), dtype=np.float64)
+    holdout = np.asarray(entry.get("nonmembers_share", ()), dtype=np.float64)
 
     def draw(fig: Any) -> None:
         ax = fig.add_subplot()
-        if edges.size >= 2 and train.size == edges.size - 1 and hold.size == edges.size - 1:
-            ax.stairs(train, edges, label="to training (members)", color="#c44e52", linewidth=1.6)
-            ax.stairs(hold, edges, label="to holdout (non-members)", color="#4c72b0", linewidth=1.6)
-            ax.set_xscale("symlog", linthresh=max(float(edges[1]), 1e-12))
+        if members.size >= 2 and members.size == holdout.size:
+            edges = np.arange(members.size + 1)
+            ax.stairs(members, edges, label="members", color="#c44e52", linewidth=1.6)
+            ax.stairs(holdout, edges, label="held out (non-members)", color="#4c72b0", linewidth=1.6)
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no histogram", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("distance to closest record", fontsize=8)
-        ax.set_ylabel("synthetic rows", fontsize=8)
+        ax.set_xlabel("distance bin to the synthetic sample (nearest on the right)", fontsize=8)
+        ax.set_ylabel("share of patients (noisy)", fontsize=8)
         score = finite(entry.get("score"))
         suffix = "" if score is None else f" (protection {score:.3f})"
         ax.set_title(f"DCR: {entry.get('hospital', '?')}{suffix}", fontsize=9)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +80,11 @@ def run_stage(
     start: StageStart | None = None,
     after_round: AfterRound | None = None,
     hospital_names: dict[int, str] | None = None,
+    weights: Mapping[str, float],
 ) -> StageOutcome:
     """The stage's Flower strategy loop; the model ends holding its best (or last) weights.
+
+    `weights` (hospital name -> the handshake's capped DP count) weigh each hospital's update.
 
     `after_round` is called once every round is complete (aggregated, scored, the controller's
     decision taken) with the weights the next round will be sent: the server checkpoints there.
@@ -92,8 +95,10 @@ def run_stage(
         stage.spec.strategy.name,
         stage.spec.strategy.params,
         action=stage.action,
+        weights=weights,
         min_replies=fed.min_replies,
         quorum_timeout_s=fed.round_timeout_s,
+        max_update_norm_ratio=fed.max_update_norm_ratio,
     )
     strategy.participants = participants
     strategy.hospital_names = hospital_names or {}

@@ -1,4 +1,4 @@
-"""The released synthetic set: SA-DQC's filter, the hospitals' audit, the report."""
+"""The released synthetic set: SA-DQC's filter, the hospitals' DP audit of the generator, the report."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import pandas as pd
 from flwr.serverapp import Grid
 
 from configs.settings import RunSettings
-from models.encoder import TabularEncoder
-from models.sequence.encoder import SequenceEncoder
+from privacy.dp_audit import AUDIT_CHARGE
 from server.audit import (
-    check_aggregate_only,
+    audit_request,
+    audit_rows,
     gates_from,
-    merge_sequence_metrics,
     render_report,
     request_audit,
     save_audit_inputs,
 )
 from server.handshake import HandshakeResult
+from server.plan import audit_budget_share
 from server.sadqc import SADQC, filter_anomalies, score_sample
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def release_and_audit(
     grid: Grid,
     settings: RunSettings,
     handshake: HandshakeResult,
-    encoder: TabularEncoder,
+    model: Any,
     controller: SADQC | None,
     synthetic: pd.DataFrame,
     timeseries: pd.DataFrame | None,
@@ -38,8 +38,10 @@ def release_and_audit(
     *,
     federation_id: str = "",
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, Any]]:
-    """SA-DQC filters the final set, hospitals audit it, the report is written; returns what is released."""
-    schema, fed = encoder.schema, settings.federation
+    """SA-DQC filters the final set, hospitals audit the generator, the report is written; returns
+    what is released and the audit's record (verdict, gates, its epsilon, SA-DQC's decisions)."""
+    encoder, fed = model.encoder, settings.federation
+    schema = encoder.schema
     kept, removed = filter_anomalies(
         synthetic,
         encoder.transform(synthetic),
@@ -59,49 +61,44 @@ def release_and_audit(
             removed=removed,
             scores=final_scores,
         )
-    audited = synthetic.head(settings.audit.synthetic_rows)
-    sample = encoder.transform(audited)
-    weeks = None
-    if timeseries is not None:
-        weeks = SequenceEncoder.from_schema(schema).transform(
-            timeseries[timeseries[schema.id_column].isin(set(audited[schema.id_column]))],
-            audited[schema.id_column],
-        )
-    answers = request_audit(
-        grid,
-        sorted(handshake.node_ids),
-        sample,
-        encoder,
-        fed.round_timeout_s,
-        weeks,
-        federation_id=federation_id,
+    content = audit_request(
+        model, settings, budget_share=audit_budget_share(settings), federation_id=federation_id
     )
-    dcr, attacks, ledgers, refusals = answers.dcr, answers.attacks, answers.ledgers, answers.refusals
-    check_aggregate_only(dcr + attacks)
+    answers = request_audit(grid, sorted(handshake.node_ids), content, fed.round_timeout_s)
+    dcr, attacks = audit_rows(answers, n_bootstrap=settings.audit.bootstrap, seed=fed.seed)
     inputs = {
         "quality": {**final_scores.model_dump(), "removed": removed},
         "reference_histograms": handshake.reference,
         "reference_pairs": handshake.reference_pairs,
         "dcr": dcr,
         "attacks": attacks,
-        "ledger": ledgers,
+        "ledger": answers.ledgers,
         "decisions": controller.decisions() if controller is not None else [],
-        "audit_refusals": refusals,
+        "audit_refusals": answers.refusals,
     }
     save_audit_inputs(out_dir, inputs)
     report = render_report(out_dir, inputs, synthetic, schema, gates_from(settings.audit))
     logger.info("privacy audit: %s (report %s)", "PASS" if report.passed else "FAIL", report.html_path)
     audit = {
-        "ledger": ledgers,
+        "ledger": answers.ledgers,
         "audit": {
             "passed": report.passed,
             "gates": [g.model_dump() for g in report.gates],
-            "refusals": refusals,
+            "refusals": answers.refusals,
+            "epsilon": _audit_epsilon(answers.ledgers),
         },
         "sadqc": {"final": final_scores.model_dump(), "removed": removed, "decisions": inputs["decisions"]},
-        "sequence_evaluation": {
-            "merged": merge_sequence_metrics(answers.sequence),
-            "per_hospital": answers.sequence,
-        },
     }
     return synthetic, timeseries, audit
+
+
+def _audit_epsilon(ledgers: list[dict[str, Any]]) -> dict[str, float]:
+    """Per hospital, what the audit's release added to its epsilon (from the charges it reported)."""
+    out = {}
+    for ledger in ledgers:
+        entries = ledger.get("entries") or []
+        for index, entry in enumerate(entries):
+            if entry.get("what") == AUDIT_CHARGE:
+                before = entries[index - 1]["epsilon_after"] if index > 0 else 0.0
+                out[ledger["hospital"]] = float(entry["epsilon_after"]) - float(before)
+    return out

@@ -173,7 +173,8 @@ def simulate(
     if demo is not None:
         # Only the simulation holds the whole cohort: this real-data score is a demo check,
         # never something a deployed server could compute.
-        synthetic = pd.read_csv(out_dir / "synthetic" / "static.csv")
+        release_dir = out_dir / metrics.get("release", {}).get("folder", "")
+        synthetic = pd.read_csv(release_dir / "synthetic" / "static.csv")
         per_column = column_shape_vs_real(synthetic, demo.static, settings.load_schema())
         score = mean_score(per_column)
         metrics["demo_check"] = {
@@ -181,7 +182,7 @@ def simulate(
             "per_column": per_column,
             **_utility_check(demo, synthetic, settings),
         }
-        weeks_path = out_dir / "synthetic" / "timeseries.csv"
+        weeks_path = release_dir / "synthetic" / "timeseries.csv"
         if weeks_path.is_file():
             metrics["demo_check"]["sequence"] = _sequence_check(
                 demo, synthetic, pd.read_csv(weeks_path), settings

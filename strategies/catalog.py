@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
@@ -9,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from strategies.aggregation import sum_metricrecords
 from strategies.validating import ValidatingStrategy
+from strategies.validation import DEFAULT_MAX_UPDATE_NORM_RATIO
 
+# The weight key between the wrapper and the inner strategy (the handshake's weight, not a reply's).
 WEIGHT_KEY = "num-examples"
 
 
@@ -72,7 +75,8 @@ def build_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
 
     Every strategy samples all nodes it is shown (fraction_train=1, minima 1: the wrapper's
     bounded quorum wait replaces Flower's unbounded one), does no client-side evaluation,
-    weighs updates by "num-examples" and sums train metrics with `sum_metricrecords`.
+    weighs updates by "num-examples" (the wrapper sets it to the server's weight for the
+    hospital, never the reply's) and sums train metrics with `sum_metricrecords`.
     """
     checked = validate_strategy_params(name, params)
     strategy_class = _CATALOG[name][0]
@@ -93,13 +97,17 @@ def build_validating_strategy(
     params: dict[str, Any] | None = None,
     *,
     action: str,
+    weights: Mapping[str, float],
     min_replies: int = 1,
     quorum_timeout_s: float = 600.0,
+    max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO,
 ) -> ValidatingStrategy:
     """`build_strategy(name, params)` wrapped in a `ValidatingStrategy` (one stage's strategy)."""
     return ValidatingStrategy(
         build_strategy(name, params),
         action=action,
+        weights=weights,
         min_replies=min_replies,
         quorum_timeout_s=quorum_timeout_s,
+        max_update_norm_ratio=max_update_norm_ratio,
     )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -15,7 +16,7 @@ from flwr.supercore.run import Run
 from configs.wire import NODE_INFO as NODE_INFO_KEY
 from strategies.aggregation import cast_like, sum_metricrecords
 from strategies.rounds import QuorumError, RoundLog, hospital_of
-from strategies.validation import check_update
+from strategies.validation import DEFAULT_MAX_UPDATE_NORM_RATIO, check_update
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,12 @@ class ValidatingStrategy(Strategy):
     The wrapper owns who is asked and what is accepted; the inner strategy owns the config it
     adds (FedProx's `proximal-mu`) and the arithmetic of the new global model (FedAdam's
     server-side optimiser). A malformed update (wrong names, shapes or dtypes, non-finite
-    values, bad weight) is logged with the hospital and never reaches the inner strategy; the
-    round goes on with the rest as long as at least `min_replies` valid updates arrived, else
-    the global model stays as it was.
+    values, a norm beyond the bound, a hospital without a weight) is logged with the hospital
+    and never reaches the inner strategy; the round goes on with the rest as long as at least
+    `min_replies` valid updates arrived, else the global model stays as it was.
+
+    Each update is weighed by the server's own figure for its hospital (`weights`: the DP count
+    from the handshake, capped), never by a count in the reply: a node cannot claim to be huge.
 
     Dropout: a round goes to the participants online when it starts. A node that dies
     mid-round is answered for by the SuperLink (an error reply once its heartbeat lapses) or by
@@ -45,14 +49,31 @@ class ValidatingStrategy(Strategy):
             (`min_train_nodes`, `min_available_nodes`) are lowered to 1: the quorum wait here
             replaces them. Its own evaluation is never used (client-side evaluation is off).
         action: the ClientApp route; messages are sent as `train.<action>`.
+        weights: hospital name -> its FedAvg weight (positive, finite), from the handshake.
         min_replies: valid updates a round needs, and participants online it waits for.
         quorum_timeout_s: how long a round may wait for `min_replies` participants to be online.
+        max_update_norm_ratio: an update farther than this times max(||global||, 1) from the
+            weights sent that round is refused (`check_update`).
     """
 
     def __init__(
-        self, inner: Strategy, *, action: str, min_replies: int = 1, quorum_timeout_s: float = 600.0
+        self,
+        inner: Strategy,
+        *,
+        action: str,
+        weights: Mapping[str, float],
+        min_replies: int = 1,
+        quorum_timeout_s: float = 600.0,
+        max_update_norm_ratio: float = DEFAULT_MAX_UPDATE_NORM_RATIO,
     ) -> None:
         super().__init__()
+        bad = {name: w for name, w in weights.items() if not (math.isfinite(w) and w > 0)}
+        if not weights or bad:
+            raise ValueError(f"weights must map hospitals to positive finite numbers, got {dict(weights)}")
+        if not (math.isfinite(max_update_norm_ratio) and max_update_norm_ratio > 0):
+            raise ValueError(
+                f"max_update_norm_ratio must be positive and finite, got {max_update_norm_ratio}"
+            )
         if not action.isidentifier():
             raise ValueError(f"action must be a Python identifier (Flower message routing), got {action!r}")
         if min_replies < 1:
@@ -63,6 +84,8 @@ class ValidatingStrategy(Strategy):
         self.action = action
         self.min_replies = min_replies
         self.quorum_timeout_s = quorum_timeout_s
+        self.weights = {str(name): float(w) for name, w in weights.items()}
+        self.max_update_norm_ratio = max_update_norm_ratio
         self.weighted_by_key = str(getattr(inner, "weighted_by_key", "num-examples"))
         self.rounds: list[RoundLog] = []
         # Nodes that passed the handshake; None means every connected node may train.
@@ -156,15 +179,17 @@ class ValidatingStrategy(Strategy):
         """Check every reply, let the inner strategy aggregate the valid ones; log both in `rounds`.
 
         The inner strategy sees canonical contents only (the update's arrays and a MetricRecord
-        holding just the weight), sorted by hospital: float sums in arrival order would make
-        runs differ in the last bits, and hospitals may report different metric sets. The merged
-        metrics are `sum_metricrecords` over the full accepted replies.
+        holding just the hospital's weight from `weights`), sorted by hospital: float sums in
+        arrival order would make runs differ in the last bits, and hospitals may report
+        different metric sets. The merged metrics are `sum_metricrecords` over the full accepted
+        replies, their weight the sum of the weights used.
         """
         assert self._reference is not None, "configure_train must run first"
         server_round += self._round_offset
         log = RoundLog(server_round)
         self.rounds.append(log)
-        accepted = sorted((m for m in replies if self._accept(m, log)), key=hospital_of)
+        weighed = [(m, w) for m in replies if (w := self._accept(m, log)) is not None]
+        accepted = sorted(weighed, key=lambda pair: hospital_of(pair[0]))
         if len(accepted) < self.min_replies:
             logger.warning(
                 "round %d: %d valid update(s), quorum is %d; global model unchanged",
@@ -173,19 +198,19 @@ class ValidatingStrategy(Strategy):
                 self.min_replies,
             )
             return None, None
-        arrays, _ = self.inner.aggregate_train(server_round, [self._canonical(m) for m in accepted])
+        arrays, _ = self.inner.aggregate_train(server_round, [self._canonical(m, w) for m, w in accepted])
         if arrays is None:
             inner = type(self.inner).__name__
             logger.warning("round %d: %s aggregated nothing; global model unchanged", server_round, inner)
             return None, None
         log.aggregated = True
-        contents = [m.content for m in accepted]
-        return cast_like(arrays, self._reference), sum_metricrecords(contents, self.weighted_by_key)
+        merged = sum_metricrecords([m.content for m, _ in accepted], self.weighted_by_key)
+        merged[self.weighted_by_key] = sum(w for _, w in accepted)
+        return cast_like(arrays, self._reference), merged
 
-    def _canonical(self, message: Message) -> Message:
-        """The reply as the inner strategy may see it: its arrays and its weight, nothing else."""
+    def _canonical(self, message: Message, weight: float) -> Message:
+        """The reply as the inner strategy may see it: its arrays and the server's weight for it."""
         arrays = next(iter(message.content.array_records.values()))
-        weight = next(iter(message.content.metric_records.values()))[self.weighted_by_key]
         content = RecordDict(
             {
                 str(getattr(self.inner, "arrayrecord_key", "arrays")): arrays,
@@ -205,7 +230,8 @@ class ValidatingStrategy(Strategy):
             return hospital_of(message), node
         return self.hospital_names.get(node, f"node-{node}"), node
 
-    def _accept(self, message: Message, log: RoundLog) -> bool:
+    def _accept(self, message: Message, log: RoundLog) -> float | None:
+        """The reply's weight if it may enter the average; None (logged, recorded) if refused."""
         hospital, node = self._sender(message)
         if message.has_error():
             reason = message.error.reason
@@ -213,9 +239,14 @@ class ValidatingStrategy(Strategy):
                 "round %d: %s (node %d) sent an error: %s", log.server_round, hospital, node, reason
             )
             log.rejected.append({"hospital": hospital, "node": node, "reason": reason})
-            return False
+            return None
         assert self._reference is not None
-        problem = check_update(message.content, self._reference, weight_key=self.weighted_by_key)
+        # The handshake's name for this node id, not the name the reply claims: a node cannot
+        # take another hospital's weight by naming itself after it.
+        weight = self.weights.get(self.hospital_names.get(node, hospital))
+        problem = check_update(message.content, self._reference, max_norm_ratio=self.max_update_norm_ratio)
+        if problem is None and weight is None:
+            problem = f"no handshake weight for {self.hospital_names.get(node, hospital)}"
         if problem is not None:
             logger.warning(
                 "round %d: rejected update from %s (node %d): %s",
@@ -225,10 +256,13 @@ class ValidatingStrategy(Strategy):
                 problem,
             )
             log.rejected.append({"hospital": hospital, "node": node, "reason": problem})
-            return False
+            return None
         metrics = next(iter(message.content.metric_records.values()))
-        log.accepted.append({"hospital": hospital, "node": node, **dict(metrics)})
-        return True
+        # the weight used, not any count the reply may carry (the log reaches metrics.json)
+        log.accepted.append(
+            {"hospital": hospital, "node": node, **dict(metrics), self.weighted_by_key: weight}
+        )
+        return weight
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

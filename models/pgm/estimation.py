@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from mbi import CliqueVector, Domain, Factor, LinearMeasurement, MarkovRandomField, marginal_oracles  # noqa: E402
 from mbi.estimation import MirrorDescent  # noqa: E402
-from mbi.junction_tree import hypothetical_model_size  # noqa: E402
+from mbi.junction_tree import hypothetical_model_size, make_junction_tree  # noqa: E402, F401
 
 from configs.schema import CohortSchema  # noqa: E402
 from models.encoder import EncoderError  # noqa: E402
@@ -101,12 +101,6 @@ def model_from(schema: CohortSchema, potentials: dict[Clique, np.ndarray], total
     return MarkovRandomField(
         potentials=vector, marginals=marginal_oracles.message_passing_stable(vector, total), total=total
     )
-
-
-def sample_cells(model: MarkovRandomField, schema: CohortSchema, n: int) -> np.ndarray:
-    """`n` records of cell indices (columns in schema order), drawn with numpy's global generator."""
-    data = model.synthetic_data(rows=n).to_dict()
-    return np.stack([np.asarray(data[name], dtype=np.int64) for name in schema.column_names], axis=1)
 
 
 def reweighted_label(

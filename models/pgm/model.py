@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -18,22 +16,12 @@ from models.pairs import column_pairs
 from models.pgm import estimation
 from models.pgm.domain import from_cells
 from models.pgm.marginals import Clique, Measurement, clique_key, clique_of
+from models.pgm.sampling import sample_cells
 from models.pgm.selection import label_cliques, spanning_tree, survey_weights
 
 logger = logging.getLogger(__name__)
 
 POTENTIAL_PREFIX = "potential."
-
-
-@contextlib.contextmanager
-def _numpy_seed(seed: int) -> Iterator[None]:
-    """mbi samples with numpy's global generator: seed it for the call, then put it back."""
-    state = np.random.get_state()
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
 
 
 class PrivatePGM:
@@ -180,6 +168,5 @@ class PrivatePGM:
         model = self._model
         if label_shares:
             model = estimation.reweighted_label(model, self.schema, label_shares)
-        with _numpy_seed(seed):
-            cells = estimation.sample_cells(model, self.schema, n)
-        return from_cells(cells, self.schema, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        return from_cells(sample_cells(model, self.schema, n, rng), self.schema, rng)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,18 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from client.data import MAX_REPORTED_ISSUES, CohortValidationError, ValidationIssue, load_cohort
+from client.data import (
+    MAX_PROBLEM_CHARS,
+    MAX_QUOTED_CHARS,
+    MAX_REPORTED_ISSUES,
+    PROBLEM_CLASSES,
+    Cohort,
+    CohortValidationError,
+    ValidationIssue,
+    clip,
+    load_cohort,
+    split_holdout,
+)
 from configs.schema import CohortSchema, load_schema
 from mindfed.cli import app
 from simulation.cohort import DemoCohort, generate_demo_cohort, write_cohort_folder
@@ -154,30 +166,46 @@ def test_missing_timeseries_channel(folder: Path, schema: CohortSchema) -> None:
 
 
 @pytest.mark.parametrize(
-    ("file", "line", "column", "value", "problem"),
+    ("file", "line", "column", "value", "problem", "problem_class"),
     [
-        ("static.csv", 5, "age", "abc", "'abc' is not a number"),
-        ("static.csv", 7, "age", "150", "150 is outside [18, 90]"),
-        ("static.csv", 8, "bmi", "-3.5", "-3.5 is outside [14, 50]"),
-        ("static.csv", 9, "dass_depression", "3.5", "3.5 is not an integer"),
-        ("static.csv", 10, "bmi", "", "value is missing"),
-        ("static.csv", 11, "bmi", "inf", "'inf' is not finite"),
-        ("static.csv", 12, "gender", "alien", "'alien' is not one of ['female', 'male', 'nonbinary']"),
-        ("static.csv", 13, "risk_level", "", "'(empty)' is not one of"),
-        ("static.csv", 14, "gender", "Female", "'Female' is not one of"),
-        ("static.csv", 15, "patient_id", "", "identifier is missing"),
-        ("timeseries.csv", 20, "sleep_hours", "lots", "'lots' is not a number"),
-        ("timeseries.csv", 21, "steps", "-1", "-1 is outside [0, 40000]"),
-        ("timeseries.csv", 22, "resting_hr", "nan", "'nan' is not a number"),
+        ("static.csv", 5, "age", "abc", "'abc' is not a number", "not a number"),
+        ("static.csv", 7, "age", "150", "150 is outside [18, 90]", "out of range"),
+        ("static.csv", 8, "bmi", "-3.5", "-3.5 is outside [14, 50]", "out of range"),
+        ("static.csv", 9, "dass_depression", "3.5", "3.5 is not an integer", "not an integer"),
+        ("static.csv", 10, "bmi", "", "value is missing", "missing value"),
+        ("static.csv", 11, "bmi", "inf", "'inf' is not finite", "not finite"),
+        (
+            "static.csv",
+            12,
+            "gender",
+            "alien",
+            "'alien' is not one of ['female', 'male', 'nonbinary']",
+            "unknown category",
+        ),
+        ("static.csv", 13, "risk_level", "", "'(empty)' is not one of", "unknown category"),
+        ("static.csv", 14, "gender", "Female", "'Female' is not one of", "unknown category"),
+        ("static.csv", 15, "patient_id", "", "identifier is missing", "missing id"),
+        ("timeseries.csv", 20, "sleep_hours", "lots", "'lots' is not a number", "not a number"),
+        ("timeseries.csv", 21, "steps", "-1", "-1 is outside [0, 40000]", "out of range"),
+        ("timeseries.csv", 22, "resting_hr", "nan", "'nan' is not a number", "not a number"),
     ],
 )
-def test_bad_cell_is_reported_with_file_line_and_column(
-    folder: Path, schema: CohortSchema, file: str, line: int, column: str, value: str, problem: str
+def test_bad_cell_is_reported_with_file_line_column_and_class(
+    folder: Path,
+    schema: CohortSchema,
+    file: str,
+    line: int,
+    column: str,
+    value: str,
+    problem: str,
+    problem_class: str,
 ) -> None:
     _set_cell(folder / file, line, column, value)
     err = _load_error(folder, schema)
     assert f"{file}, line {line}, column '{column}': {problem}" in str(err), str(err)
-    assert [(i.file, i.row, i.column) for i in err.issues if i.file == file] == [(file, line, column)]
+    assert [(i.file, i.row, i.column, i.problem_class) for i in err.issues if i.file == file] == [
+        (file, line, column, problem_class)
+    ]
 
 
 def test_duplicate_patient_id(folder: Path, schema: CohortSchema) -> None:
@@ -185,6 +213,7 @@ def test_duplicate_patient_id(folder: Path, schema: CohortSchema) -> None:
     _set_cell(folder / "static.csv", 4, "patient_id", first)
     err = _load_error(folder, schema)
     assert f"static.csv, line 4, column 'patient_id': '{first}' repeats" in str(err)
+    assert [i.problem_class for i in err.issues if i.file == "static.csv"] == ["duplicate id"]
     # the first occurrence is not blamed
     assert not any(i.file == "static.csv" and i.row == 3 for i in err.issues)
 
@@ -201,6 +230,7 @@ def test_timeseries_missing_day(folder: Path, schema: CohortSchema) -> None:
     assert (issue.file, issue.column) == ("timeseries.csv", "patient_id")
     assert f"patient '{patient}' needs exactly {DAYS} distinct days" in issue.problem
     assert "found 6 rows" in issue.problem
+    assert issue.problem_class == "wrong number of days"
     assert f"timeseries.csv, column 'patient_id': patient '{patient}'" in str(err)
 
 
@@ -233,6 +263,7 @@ def test_timeseries_patient_not_in_static(folder: Path, schema: CohortSchema) ->
         in str(err)
     )
     assert len(err.issues) == DAYS  # one per row, the known patients are all complete
+    assert {i.problem_class for i in err.issues} == {"unknown id"}
 
 
 # ---------------------------------------------------------------- whole-file problems name the file
@@ -240,7 +271,7 @@ def test_empty_file(folder: Path, schema: CohortSchema) -> None:
     (folder / "static.csv").write_bytes(b"")
     err = _load_error(folder, schema)
     assert "static.csv: file is empty" in str(err)
-    assert err.issues[0] == ValidationIssue("static.csv", None, None, "file is empty")
+    assert err.issues[0] == ValidationIssue("static.csv", None, None, "file is empty", "empty file")
 
 
 def test_header_only_file(folder: Path, schema: CohortSchema) -> None:
@@ -368,6 +399,193 @@ def test_unreadable_parquet_is_a_validation_error(folder: Path, schema: CohortSc
     (folder / "static.csv").rename(folder / "static.parquet")
     err = _load_error(folder, schema)
     assert "static.parquet: cannot be read" in str(err)
+
+
+# ---------------------------------------------------------------- problem classes
+def _empty_static(folder: Path) -> None:
+    (folder / "static.csv").write_bytes(b"")
+
+
+def _header_only_static(folder: Path) -> None:
+    _save(folder / "static.csv", _lines(folder / "static.csv")[:1])
+
+
+def _latin1_static(folder: Path) -> None:
+    path = folder / "static.csv"
+    path.write_bytes(path.read_bytes().replace(b"female", b"f\xe9male", 1))
+
+
+def _ragged_static(folder: Path) -> None:
+    lines = _lines(folder / "static.csv")
+    lines[5] += ",1,2,3"
+    _save(folder / "static.csv", lines)
+
+
+def _no_static(folder: Path) -> None:
+    (folder / "static.csv").unlink()
+
+
+def _no_bmi(folder: Path) -> None:
+    _drop_column(folder / "static.csv", "bmi")
+
+
+def _extra_column(folder: Path) -> None:
+    lines = _lines(folder / "static.csv")
+    _save(folder / "static.csv", [lines[0] + ",shoe_size"] + [line + ",42" for line in lines[1:]])
+
+
+def _csv_as_parquet(folder: Path) -> None:
+    (folder / "static.csv").rename(folder / "static.parquet")
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "problem_class"),
+    [
+        (_empty_static, "empty file"),
+        (_header_only_static, "no data rows"),
+        (_latin1_static, "not UTF-8"),
+        (_ragged_static, "not a CSV table"),
+        (_no_static, "file not found"),
+        (_no_bmi, "missing column"),
+        (_extra_column, "unexpected column"),
+        (_csv_as_parquet, "unreadable file"),
+    ],
+)
+def test_whole_file_problems_have_their_class(
+    folder: Path, schema: CohortSchema, corrupt, problem_class: str
+) -> None:
+    corrupt(folder)
+    assert [i.problem_class for i in _load_error(folder, schema).issues] == [problem_class]
+
+
+def test_missing_folder_has_its_class(tmp_path: Path, schema: CohortSchema) -> None:
+    assert _load_error(tmp_path / "nope", schema).issues[0].problem_class == "folder not found"
+
+
+def test_a_problem_class_outside_the_vocabulary_is_refused() -> None:
+    assert "out of range" in PROBLEM_CLASSES
+    with pytest.raises(ValueError, match="unknown problem class"):
+        ValidationIssue("static.csv", 2, "age", "'P000001' is odd", "P000001 is odd")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- bounded detail
+def test_clip_cuts_long_text_with_an_ellipsis() -> None:
+    assert clip("short") == "short"
+    cut = clip("x" * 1000)
+    assert len(cut) == MAX_QUOTED_CHARS and cut.endswith("...")
+    assert clip("abcdef", 5) == "ab..."
+
+
+def test_a_long_problem_is_cut_at_construction() -> None:
+    issue = ValidationIssue("static.csv", None, None, "cannot be read: " + "y" * 10**6, "unreadable file")
+    assert len(issue.problem) == MAX_PROBLEM_CHARS
+
+
+MEGABYTE = 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("file", "line", "column", "value"),
+    [
+        ("static.csv", 3, "age", "x" * MEGABYTE),  # not a number
+        ("static.csv", 4, "age", "9" * MEGABYTE),  # a number too large to be finite or in range
+        ("static.csv", 5, "dass_depression", "3." + "5" * MEGABYTE),  # not an integer, out of range
+        ("static.csv", 6, "gender", "F" * MEGABYTE),  # unknown category
+        ("static.csv", 7, "patient_id", "P" * MEGABYTE),  # no timeseries: wrong number of days
+        ("timeseries.csv", 8, "patient_id", "Q" * MEGABYTE),  # unknown id
+    ],
+)
+def test_a_megabyte_cell_gives_a_short_detail(
+    folder: Path, schema: CohortSchema, file: str, line: int, column: str, value: str
+) -> None:
+    _set_cell(folder / file, line, column, value)
+    err = _load_error(folder, schema)
+    assert all(len(issue.problem) <= MAX_PROBLEM_CHARS for issue in err.issues)
+    message = str(err)
+    assert len(message) < 200 * (len(err.issues) + 1) + len(str(folder)), len(message)
+    assert value[:MAX_QUOTED_CHARS] not in message
+    assert value[: MAX_QUOTED_CHARS - 3] + "..." in message  # the start still helps find the cell
+
+
+def test_a_megabyte_header_cell_gives_a_short_column(folder: Path, schema: CohortSchema) -> None:
+    lines = _lines(folder / "static.csv")
+    _save(folder / "static.csv", [lines[0] + "," + "c" * MEGABYTE] + [line + ",1" for line in lines[1:]])
+    (issue,) = _load_error(folder, schema).issues
+    assert issue.problem_class == "unexpected column"
+    assert issue.column is not None and len(issue.column) == MAX_QUOTED_CHARS
+
+
+# ---------------------------------------------------------------- salted holdout split
+SALT = b"node-secret-salt-one"
+OTHER_SALT = b"node-secret-salt-two"
+N_IDS = 5000
+
+
+def _id_cohort(n: int = N_IDS) -> Cohort:
+    ids = [f"P{i:06d}" for i in range(n)]
+    return Cohort(static=pd.DataFrame({"patient_id": ids, "age": np.arange(n) % 70 + 18}), timeseries=None)
+
+
+def _held(cohort: Cohort, salt: bytes, share: float = 0.2) -> set[str]:
+    _, holdout = split_holdout(cohort, share=share, id_column="patient_id", salt=salt)
+    return set(holdout.static["patient_id"])
+
+
+def _unsalted_held(ids: list[str], share: float) -> set[str]:
+    """The old assignment: an unsalted SHA-256 of the id, which anyone could recompute."""
+    digest = {pid: int.from_bytes(hashlib.sha256(pid.encode()).digest()[:8], "big") / 2**64 for pid in ids}
+    return {pid for pid, u in digest.items() if u < share}
+
+
+def test_salted_split_is_stable_and_independent_of_row_order() -> None:
+    cohort = _id_cohort()
+    shuffled = Cohort(static=cohort.static.sample(frac=1.0, random_state=4), timeseries=None)
+    assert _held(cohort, SALT) == _held(cohort, SALT) == _held(shuffled, SALT)
+    assert _held(cohort, SALT) == _held(cohort, bytearray(SALT))
+
+
+def test_salted_split_differs_between_salts() -> None:
+    cohort = _id_cohort()
+    first, second = _held(cohort, SALT), _held(cohort, OTHER_SALT)
+    assert first != second
+    # independent draws: about share of one salt's holdout is held out by the other too
+    assert len(first & second) < 0.3 * len(first)
+
+
+@pytest.mark.parametrize("share", [0.1, 0.2, 0.5])
+def test_salted_split_keeps_the_share(share: float) -> None:
+    held = _held(_id_cohort(), SALT, share)
+    assert abs(len(held) / N_IDS - share) < 0.03
+
+
+def test_salted_split_does_not_reproduce_the_unsalted_assignment() -> None:
+    cohort = _id_cohort()
+    old = _unsalted_held(list(cohort.static["patient_id"]), 0.2)
+    new = _held(cohort, SALT)
+    assert new != old
+    assert len(new & old) < 0.3 * len(old)
+
+
+def test_salted_split_partitions_patients_and_their_days(folder: Path, schema: CohortSchema) -> None:
+    cohort = load_cohort(folder, schema)
+    members, holdout = split_holdout(cohort, share=0.3, id_column="patient_id", salt=SALT)
+    member_ids, held_ids = set(members.static["patient_id"]), set(holdout.static["patient_id"])
+    assert not member_ids & held_ids
+    assert member_ids | held_ids == set(cohort.static["patient_id"])
+    assert members.timeseries is not None and holdout.timeseries is not None
+    assert set(members.timeseries["patient_id"]) == member_ids
+    assert set(holdout.timeseries["patient_id"]) == held_ids
+    assert len(members.timeseries) + len(holdout.timeseries) == N_PATIENTS * DAYS
+
+
+def test_split_refuses_a_missing_empty_or_text_salt() -> None:
+    cohort = _id_cohort(10)
+    with pytest.raises(TypeError):
+        split_holdout(cohort, share=0.2, id_column="patient_id")  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="salt is empty"):
+        split_holdout(cohort, share=0.2, id_column="patient_id", salt=b"")
+    with pytest.raises(TypeError, match="must be bytes"):
+        split_holdout(cohort, share=0.2, id_column="patient_id", salt="secret")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- command line

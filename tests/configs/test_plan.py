@@ -11,7 +11,7 @@ import pytest
 
 from configs.errors import ConfigError
 from configs.settings import load_settings, parse_overrides
-from server.plan import budget_shares, plan_releases
+from server.plan import audit_budget_share, budget_shares, plan_releases
 
 ROOT = Path(__file__).resolve().parents[2]
 CTGAN = {"model": "dp-ctgan", "rounds": 2, "epsilon_share": 0.4}
@@ -22,11 +22,12 @@ def test_the_default_plan_is_todays_run() -> None:
     s = load_settings()
     assert [(st.model, st.rounds, st.phases, st.epsilon_share, st.strategy.name) for st in s.stages] == [
         ("pgm", 0, {}, 0.4, "fedavg"),
-        ("timegan", 0, {"embedding": 6, "supervised": 2, "joint": 8}, 0.4, "fedavg"),
+        ("timegan", 0, {"embedding": 6, "supervised": 2, "joint": 8}, 0.35, "fedavg"),
     ]
     # At its first round a hospital spends this share of what it has left: the static generator
-    # half of what the handshake left, TimeGAN all the rest.
-    assert budget_shares(s) == [0.5, 1.0]
+    # half of what the handshake left, TimeGAN all the rest but the audit's, the audit that.
+    assert budget_shares(s) == pytest.approx([0.5, 0.875])
+    assert audit_budget_share(s) == pytest.approx(1.0)
     assert plan_releases(s) == ["sequence-moments"]
 
 
@@ -54,7 +55,7 @@ def test_a_whole_plan_replaces_the_default() -> None:
 @pytest.mark.parametrize(
     ("stages", "message"),
     [
-        ([{**CTGAN, "epsilon_share": 0.5}, {**TIMEGAN, "epsilon_share": 0.4}], "add up to 1.1 > 1"),
+        ([{**CTGAN, "epsilon_share": 0.5}, {**TIMEGAN, "epsilon_share": 0.4}], "add up to 1.15 > 1"),
         ([{**CTGAN, "model": "no-such-model"}], "stages.0.model: unknown model 'no-such-model'; allowed:"),
         ([{**CTGAN, "strategy": {"name": "fedsgd"}}], "unknown strategy 'fedsgd'; choose one of: fedavg"),
         ([{**CTGAN, "strategy": {"name": "fedprox"}}], "proximal_mu"),
@@ -124,6 +125,8 @@ def test_the_audit_control_cannot_be_chosen_by_a_run_config(overrides: dict) -> 
 
 
 def test_a_stage_is_left_out_with_false() -> None:
-    s = load_settings(None, parse_overrides("stages.timegan=false stages.pgm.epsilon_share=0.8"))
-    assert [(st.model, st.epsilon_share) for st in s.stages] == [("pgm", 0.8)]
-    assert budget_shares(s) == [1.0]
+    s = load_settings(None, parse_overrides("stages.timegan=false stages.pgm.epsilon_share=0.7"))
+    assert [(st.model, st.epsilon_share) for st in s.stages] == [("pgm", 0.7)]
+    assert budget_shares(s) == pytest.approx([0.875])
+    # what the plan leaves unspent stays unspent: the audit asks its own share only
+    assert audit_budget_share(s) == pytest.approx(0.05 / 0.1)

@@ -24,6 +24,7 @@ OVERRIDES = " ".join(
         "export.round_sample_rows=100",
         "audit.synthetic_rows=100",
         "audit.bootstrap=20",
+        "audit.release_on_fail=true",
         "model.timegan.hidden_dim=8",
         "stages.timegan.phases={embedding=1,supervised=1,joint=1}",
     ]

@@ -365,19 +365,29 @@ def _context(node_config: dict, run_config: dict | None = None, node_id: int = 4
 
 
 def test_node_max_epsilon_below_the_runs_wins(tmp_path: Path, run_settings: RunSettings) -> None:
-    ctx = _context({"data-dir": str(tmp_path), "max-epsilon": 2.0, "hospital": "st-mary"})
+    ctx = _context(
+        {
+            "data-dir": str(tmp_path),
+            "max-epsilon": 2.0,
+            "delta": 1e-5,
+            "state-dir": str(tmp_path / "state"),
+            "hospital": "st-mary",
+        }
+    )
     node = node_settings(ctx, run_settings)
     assert node.max_epsilon == 2.0
     assert node.hospital == "st-mary"
     assert node.data_dir == tmp_path
     assert node.reproducible_noise is False
-    assert node.state_dir is None
+    assert node.state_dir == tmp_path / "state"
 
 
 def test_server_cannot_raise_a_nodes_budget_but_can_lower_it(
     tmp_path: Path, run_settings: RunSettings
 ) -> None:
-    ctx = _context({"data-dir": str(tmp_path), "max-epsilon": 8.0, "delta": 1e-3})
+    ctx = _context(
+        {"data-dir": str(tmp_path), "max-epsilon": 8.0, "delta": 1e-3, "state-dir": str(tmp_path / "state")}
+    )
     node = node_settings(ctx, run_settings)
     assert node.max_epsilon == 5.0
     assert node.delta == 1e-5  # min(node, run) as well
@@ -431,6 +441,7 @@ def test_ledger_survives_a_node_restart_through_its_state_dir(
         "data-dir": str(tmp_path / "data"),
         "state-dir": str(tmp_path / "state"),
         "max-epsilon": 3.0,
+        "delta": 1e-5,
     }
     first = _context(dict(node_config))
     node = node_settings(first, run_settings)
@@ -449,8 +460,10 @@ def test_ledger_survives_a_node_restart_through_its_state_dir(
 
 
 def test_ledger_survives_rounds_through_the_context_state(tmp_path: Path, run_settings: RunSettings) -> None:
-    ctx = _context({"data-dir": str(tmp_path)})
-    node = node_settings(ctx, run_settings)
+    config = {"data-dir": str(tmp_path), "max-epsilon": 5.0, "delta": 1e-5, "state-dir": str(tmp_path)}
+    ctx = _context(config)
+    # a node with no state folder (a simulated one outside a federation): Context state only
+    node = node_settings(ctx, run_settings).model_copy(update={"state_dir": None})
     ledger = load_ledger(ctx, node)
     ledger.charge_gaussian("handshake statistics", noise_multiplier=7.0)
     save_ledger(ctx, node, ledger)

@@ -1,4 +1,4 @@
-"""The audit through Flower's real simulation engine: no reply carries a record; leaks fail the gates."""
+"""A simulated federation: every reply value classified (egress), the DP audit's gates, quarantine."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from client.egress import egress_problems
+from configs import wire
+from configs.wire import ANY_KEY, DP, egress_entry
 from models.registry import PLUGINS_ENV
 from simulation.runner import simulate
 
@@ -19,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 # The static generator alone, with the budget TimeGAN would have had.
 LEAKY_MODULE = "tests.support.leaky_replay"
-NO_SEQUENCE = {"stages.timegan": False, "stages.0.epsilon_share": 0.8}
+NO_SEQUENCE = {"stages.timegan": False, "stages.0.epsilon_share": 0.75}
 TINY = {
     "federation.patients": 500,
     "federation.hospitals": 2,
@@ -63,47 +66,67 @@ def recorded_run(tmp_path_factory: pytest.TempPathFactory):
     return outcome, replies
 
 
-def _record_level_problems(message: Message, n_records: set[int]) -> list[str]:
-    """Anything in a reply shaped like one value per patient, or naming a patient."""
+def _value_problems(message: Message) -> list[str]:
+    """Values that could only come from real rows: exact counts in a DP record, a patient's id."""
     problems = []
-    content = message.content
-    for record_name, record in content.array_records.items():
+    entry = egress_entry(message.metadata.message_type) or {}
+    for record_name, record in message.content.array_records.items():
         for name, array in record.items():
-            shape = array.numpy().shape
-            if shape and shape[0] in n_records:
-                problems.append(f"array {record_name}/{name} has one row per patient {shape}")
-    for record_name, record in content.metric_records.items():
-        for name, value in record.items():
-            if isinstance(value, list) and len(value) in n_records:
-                problems.append(f"metric {record_name}/{name} has one value per patient")
-    for record_name, record in content.config_records.items():
+            values = array.numpy()
+            exact = (
+                values.size > 0
+                and np.issubdtype(values.dtype, np.number)
+                and np.all(values == np.round(values))
+            )
+            if name.endswith("num_batches_tracked"):  # BatchNorm's step counter: sent back as received
+                if np.any(values != 0):
+                    problems.append(f"{record_name}/{name}: a local step count left the node")
+            elif entry.get(record_name, {}).get(ANY_KEY) == DP and not name.endswith(".edges") and exact:
+                problems.append(f"{record_name}/{name}: whole numbers in a DP release (exact counts?)")
+    for record_name, record in message.content.config_records.items():
         for name, value in record.items():
             if isinstance(value, str) and PATIENT_ID.search(value):
                 problems.append(f"config {record_name}/{name} names a patient")
     return problems
 
 
-def test_no_reply_reaching_the_server_carries_record_level_data(recorded_run) -> None:
-    outcome, replies = recorded_run
+def egress_violations(replies: list[Message]) -> list[str]:
+    """Every unclassified key (`configs.wire.EGRESS`) or data-shaped value in the replies."""
+    problems = []
+    for reply in replies:
+        if reply.has_error():
+            if PATIENT_ID.search(reply.error.reason):
+                problems.append(f"refusal names a patient: {reply.error.reason[:80]}")
+            continue
+        kind = reply.metadata.message_type
+        problems += [f"{kind}: {p}" for p in egress_problems(kind, reply.content)]
+        problems += [f"{kind}: {p}" for p in _value_problems(reply)]
+    return problems
+
+
+def test_every_value_a_hospital_sends_is_classified(recorded_run) -> None:
+    _, replies = recorded_run
     kinds = {m.metadata.message_type for m in replies}
     assert {"query.handshake", "train.generator", "train.sequence", "query.audit"} <= kinds
-    # every count of rows a hospital holds: all, members, holdout and half of it
-    n_records: set[int] = set()
-    for hospital in outcome.metrics["hospitals"]:
-        members = hospital["num_examples"]
-        n_records.update({members})
-    for reply in replies:
-        if reply.metadata.message_type == "query.audit":
-            audit = reply.content.metric_records["audit"]
-            holdout = int(audit["num-holdout"])
-            n_records.update(
-                {holdout, holdout // 2, holdout - holdout // 2, int(audit["num-examples"]) + holdout}
-            )
-    n_records.discard(0)
-    problems = [
-        p for reply in replies if reply.has_content() for p in _record_level_problems(reply, n_records)
-    ]
-    assert problems == []
+    assert egress_violations(replies) == []
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_the_egress_check_fails_on_a_deliberately_leaky_reply(recorded_run) -> None:
+    _, replies = recorded_run
+    train = next(m for m in replies if m.metadata.message_type == "train.generator")
+    leaky = Message(RecordDict(dict(train.content.items())), reply_to=_request_of(train))
+    leaky.content[wire.METRICS] = MetricRecord({**dict(train.content[wire.METRICS]), "records-seen": 412.0})
+    assert egress_violations([leaky]) == ["train.generator: 'metrics.records-seen'"]
+
+
+def _request_of(reply: Message) -> Message:
+    """A stand-in instruction the leaky copy replies to (same type and node)."""
+    request = Message(
+        RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type=reply.metadata.message_type
+    )
+    request.metadata.__dict__["_message_id"] = reply.metadata.reply_to_message_id
+    return request
 
 
 def test_dp_run_passes_auc_and_dcr_gates_and_writes_the_report(recorded_run) -> None:
@@ -114,8 +137,13 @@ def test_dp_run_passes_auc_and_dcr_gates_and_writes_the_report(recorded_run) -> 
     # does significantly better than the AUC gate, while the leaky control does (next test).
     report = json.loads((outcome.out_dir / "report.json").read_text())
     attacks = report["privacy"]["attacks"]
-    assert len(attacks) == 3 * TINY["federation.hospitals"]
+    assert len(attacks) == 2 * (TINY["federation.hospitals"] + 1)  # and the pooled rows
     assert all(a["auc_ci_low"] < 0.55 for a in attacks), [(a["name"], a["auc_ci_low"]) for a in attacks]
+    assert all(a["noise_sd"] > 0 for a in attacks)
+    epsilon = metrics["audit"]["epsilon"]
+    assert set(epsilon) == {"hospital-1", "hospital-2"} and all(0 < e < 1 for e in epsilon.values())
+    card = json.loads((outcome.out_dir / "bundle" / "model_card.json").read_text())
+    assert card["audit"]["passed"] == metrics["audit"]["passed"] and card["audit"]["epsilon"] == epsilon
     assert _gate(metrics, "DCR overfitting protection")["value"] >= 0.6
     assert {"gates", "quality", "privacy", "ledger", "sadqc"} <= set(report)
     html = (outcome.out_dir / "report.html").read_text()
@@ -138,6 +166,10 @@ def test_leaky_generator_fails_the_gates(tmp_path: Path, monkeypatch: pytest.Mon
     distance = next(a for a in report["privacy"]["attacks"] if a["name"] == "distance")
     assert distance["auc_ci_low"] > 0.7  # significantly above chance, unlike the DP run
     dcr = _gate(metrics, "DCR overfitting protection")
-    # DCR compares equal-size sets: only replays of the sampled members count as "closer to training"
     assert not dcr["passed"] and dcr["value"] < 0.9
     assert np.isfinite(auc["value"])
+    # the gates hold the release: quarantined, not written where a release is looked for
+    assert not (tmp_path / "bundle").exists() and not (tmp_path / "synthetic").exists()
+    card = json.loads((tmp_path / "quarantine" / "bundle" / "model_card.json").read_text())
+    assert card["audit"]["passed"] is False and metrics["release"]["quarantined"] is True
+    assert (tmp_path / "quarantine" / "synthetic" / "static.csv").is_file()

@@ -65,25 +65,36 @@ def test_export_run_writes_card_tables_and_metrics(tmp_path: Path, saved_cards) 
         rounds=_rounds(),
         stage_scores={"generator": {1: 0.8}},
         reference=histogram_counts(generate_demo_cohort(300, seed=0).static, SCHEMA),
-        extra_metrics={"ledger": [{"hospital": "a"}]},
+        # the audit's reply carries each hospital's ledger last: its epsilon is the final one
+        extra_metrics={"ledger": [{"hospital": "a", "epsilon": 1.05}]},
     )
     (main_dir, card), (seq_dir, seq_card) = saved_cards
     assert main_dir == tmp_path / export.BUNDLE_DIR and seq_dir.name == "sequence"
     assert card["name"] == "mindfed-ctgan" and seq_card["name"] == "mindfed-timegan"
-    assert card["privacy"]["ledger"] == [{"hospital": "a"}] and card["training"]["local_epochs"] == 2
+    assert card["privacy"]["ledger"] == [{"hospital": "a", "epsilon": 1.05}]
+    assert card["training"]["local_epochs"] == 2
     assert card["training"]["stages"] == {
         "generator": {"rounds": 2, "rounds_aggregated": 1},
         "sequence": {"rounds": 1, "rounds_aggregated": 1},
     }
-    # Latest (largest) epsilon each hospital reported, and how many rounds it trained.
+    # Latest (largest) epsilon each hospital reported, the audit's included, and its rounds.
     assert [(h["hospital"], h["epsilon"], h["rounds_trained"]) for h in metrics["hospitals"]] == [
-        ("a", 0.9, 2),
+        ("a", 1.05, 2),
         ("b", 1.2, 2),
     ]
     first = metrics["rounds"][0]
-    assert first["g_loss"] == pytest.approx(5.0 / 15) and first["score"] == 0.8
-    assert first["records_seen"] == 50 and metrics["rounds"][1]["score"] is None
+    # a round row names who trained; losses and record counts on real rows stay at the hospitals
+    assert first == {
+        "stage": "generator",
+        "round": 1,
+        "aggregated": True,
+        "hospitals": ["a", "b"],
+        "rejected": [{"node": 3}],
+        "score": 0.8,
+    }
+    assert metrics["rounds"][1]["score"] is None
     assert metrics["bundle"] == {"path": "bundle", "encoder_hash": "abc", "files": {"weights": "123"}}
+    assert metrics["release"] == {"folder": "", "quarantined": False}
     assert json.loads((tmp_path / export.METRICS_FILE).read_text())["final"]["synthetic_rows"] == 100
     assert (tmp_path / export.SYNTHETIC_STATIC).exists() and (tmp_path / export.SYNTHETIC_TIMESERIES).exists()
 

@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import asdict
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import pytest
 from configs.schema import CohortSchema, load_schema
 from models.pairs import association_differences, pair_counts
 from models.statistics import histogram_counts
-from privacy.attacks import FPR_GRID, dcr_overfitting_protection
+from privacy.attacks import FPR_GRID
+from privacy.dp_audit import attack_figures, audit_histograms, dcr_protection
 from server.report import GateThresholds, evaluate_gates, write_report
 from server.sadqc import SADQC, score_sample
 from simulation.cohort import generate_demo_cohort
@@ -39,6 +39,8 @@ def _attack(hospital: str, name: str, auc: float) -> dict:
         "auc_ci_low": auc - 0.03,
         "auc_ci_high": auc + 0.03,
         "tpr_at_1pct_fpr": 0.01**k,
+        "tpr_at_1pct_fpr_ci_low": 0.01**k / 2,
+        "tpr_at_1pct_fpr_ci_high": min(1.0, 0.01**k * 2),
         "tpr_at_01pct_fpr": 0.001**k,
         "n_members": 300,
         "n_nonmembers": 300,
@@ -48,11 +50,18 @@ def _attack(hospital: str, name: str, auc: float) -> dict:
 
 
 def _dcr(hospital: str, seed: int) -> dict:
+    """A DCR row as the server derives it from one hospital's noisy distance histograms."""
     rng = np.random.default_rng(seed)
-    result = dcr_overfitting_protection(
-        rng.normal(size=(150, 4)), rng.normal(size=(150, 4)), rng.normal(size=(200, 4)), seed=seed
-    )
-    return {"hospital": hospital, **asdict(result)}
+    counts, _ = audit_histograms(*(rng.normal(size=(n, 4)) for n in (900, 400, 600, 600)))
+    parts = [(counts["distance"] + rng.normal(0, 1.0, counts["distance"].shape), 1.0)]
+    figures = attack_figures(parts, n_bootstrap=20, seed=seed)
+    shares = counts["distance"] / counts["distance"].sum(axis=1, keepdims=True)
+    return {
+        "hospital": hospital,
+        **dcr_protection(figures, parts),
+        "members_share": shares[0].tolist(),
+        "nonmembers_share": shares[1].tolist(),
+    }
 
 
 def _ledger(hospital: str) -> dict:
@@ -106,7 +115,7 @@ def test_json_has_every_section(passing_report) -> None:
     doc = json.loads(passing_report.json_path.read_text(), parse_constant=pytest.fail)  # no NaN/Infinity
     assert {"gates", "quality", "privacy", "ledger", "sadqc", "passed", "generated"} <= set(doc)
     assert doc["passed"] is True and passing_report.passed
-    assert len(doc["gates"]["results"]) == 4 and doc["gates"]["thresholds"]["max_attack_auc"] == 0.55
+    assert len(doc["gates"]["results"]) == 5 and doc["gates"]["thresholds"]["max_attack_auc"] == 0.55
     quality = doc["quality"]
     assert set(quality["marginals"]) == set(SCHEMA.column_names)
     for column, entry in quality["marginals"].items():
@@ -192,7 +201,7 @@ def test_gates_fail_for_auc_08_and_pass_for_05() -> None:
     assert by_name["membership attack AUC"].value == pytest.approx(0.8)
     assert by_name["membership attack AUC"].worst == "h2 / domias"  # the worst hospital/attack
     assert not by_name["attack AUC 95% CI upper bound"].passed
-    assert not by_name["attack TPR at 1% FPR"].passed
+    assert not by_name["attack TPR at 1% FPR (interval lower bound)"].passed
     assert by_name["DCR overfitting protection"].passed
     # Configurable thresholds.
     lenient = GateThresholds(max_attack_auc=0.85, max_attack_auc_ci_high=0.9, max_tpr_at_1pct_fpr=0.5)
@@ -222,7 +231,7 @@ def test_failing_report_says_fail(tmp_path: Path) -> None:
     assert not result.passed
     doc = json.loads(result.json_path.read_text())
     assert doc["passed"] is False
-    assert [g["passed"] for g in doc["gates"]["results"]] == [False, False, False, True]
+    assert [g["passed"] for g in doc["gates"]["results"]] == [False, False, False, True, False]
     text = result.html_path.read_text(encoding="utf-8")
     assert "Overall: FAIL" in text and '<tr class="fail">' in text
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files behind

@@ -20,7 +20,7 @@ from simulation.runner import prepare_demo_cohort, simulate
 pytestmark = pytest.mark.integration
 
 # The static generator alone, with the budget TimeGAN would have had.
-NO_SEQUENCE = {"stages.timegan": False, "stages.0.epsilon_share": 0.8}
+NO_SEQUENCE = {"stages.timegan": False, "stages.0.epsilon_share": 0.75}
 TINY = {
     "federation.patients": 360,
     "federation.hospitals": 2,
@@ -29,6 +29,8 @@ TINY = {
     "federation.batch_size": 32,
     "export.synthetic_rows": 500,
     "export.round_sample_rows": 200,
+    # tiny cohorts: the audit's verdict is chance; the release is what these tests check
+    "audit.release_on_fail": True,
     "model.dp-ctgan.generator_dims": [32],
     "model.dp-ctgan.discriminator_dims": [32],
     "model.dp-ctgan.embedding_dim": 16,

@@ -15,6 +15,15 @@ from strategies.validating import ValidatingStrategy
 
 GOOD_NODES = (11, 22)
 BAD_NODE = 33
+# hospital -> its FedAvg weight, as the handshake gives it (the replies' own counts are ignored)
+WEIGHTS = {
+    "hospital-1": 1.0,
+    "hospital-2": 3.0,
+    "hospital-bad": 7.0,
+    "hospital-odd": 2.0,
+    "h0": 1.0,
+    "h1": 1.0,
+}
 
 
 class StaticGrid(Grid):
@@ -73,15 +82,9 @@ class AnsweringGrid(StaticGrid):
 
 
 def reference() -> ArrayRecord:
-    return ArrayRecord(
-        {
-            "w": Array(np.zeros((2, 2), dtype=np.float32)),
-            "b": Array(np.zeros(3, dtype=np.float64)),
-            "t": Array(np.array(0.0, dtype=np.float32)),  # 0-d float
-            "count": Array(np.array(0, dtype=np.int64)),  # 0-d integer buffer (BatchNorm-like)
-            "idx": Array(np.zeros(3, dtype=np.int64)),
-        }
-    )
+    """The global weights sent: w (2, 2) float32, b float64, t 0-d float32, count 0-d int64
+    (a BatchNorm-like buffer), idx int64; not zero, so the update norm bound is a realistic one."""
+    return record(arrays_of(3))
 
 
 def arrays_of(scale: float) -> dict[str, np.ndarray]:
@@ -118,14 +121,19 @@ def content(
 
 
 def metrics(weight: int | float, epsilon: float = 0.5) -> dict:
+    """A reply's metrics; its "num-examples" is what an old ClientApp claims, and is ignored."""
     return {"num-examples": weight, "epsilon": epsilon, "steps": 10.0}
 
 
 def start(
-    nodes: Iterable[int] = (*GOOD_NODES, BAD_NODE), inner: Strategy | None = None, **kwargs
+    nodes: Iterable[int] = (*GOOD_NODES, BAD_NODE),
+    inner: Strategy | None = None,
+    weights: dict[str, float] | None = None,
+    **kwargs,
 ) -> tuple[ValidatingStrategy, dict[int, Message], ArrayRecord]:
     """A wrapper (around FedAvg unless `inner` is given) that has configured round 1 for `nodes`."""
-    strategy = ValidatingStrategy(inner or build_strategy("fedavg"), action="generator", **kwargs)
+    inner = inner or build_strategy("fedavg")
+    strategy = ValidatingStrategy(inner, action="generator", weights=weights or WEIGHTS, **kwargs)
     ref = reference()
     instructions = strategy.configure_train(1, ref, ConfigRecord({"seed": 7}), StaticGrid(nodes))
     return strategy, {m.metadata.dst_node_id: m for m in instructions}, ref
@@ -137,22 +145,24 @@ def reply(instruction: Message, answer: RecordDict) -> Message:
 
 
 def good_replies(instructions: dict[int, Message]) -> list[Message]:
-    # weights 1 and 3 on updates of scale 1 and 5: the average is (1*x1 + 3*x2) / 4.
+    # WEIGHTS 1 and 3 on updates of scale 1 and 5: the average is (1*x1 + 3*x2) / 4.
     return [
         reply(instructions[11], content(arrays_of(1), metrics(1, epsilon=0.4), "hospital-1")),
         reply(instructions[22], content(arrays_of(5), metrics(3, epsilon=1.1), "hospital-2")),
     ]
 
 
-def expected_average() -> dict[str, np.ndarray]:
+def expected_average(w1: float = 1.0, w2: float = 3.0) -> dict[str, np.ndarray]:
     x1, x2 = arrays_of(1), arrays_of(5)
-    return {k: (1 * x1[k].astype(np.float64) + 3 * x2[k].astype(np.float64)) / 4 for k in x1}
+    return {k: (w1 * x1[k].astype(np.float64) + w2 * x2[k].astype(np.float64)) / (w1 + w2) for k in x1}
 
 
-def assert_matches_good_average(arrays: ArrayRecord | None, ref: ArrayRecord) -> None:
+def assert_matches_good_average(
+    arrays: ArrayRecord | None, ref: ArrayRecord, w1: float = 1.0, w2: float = 3.0
+) -> None:
     assert arrays is not None
     assert list(arrays.keys()) == list(ref.keys())
-    expected = expected_average()
+    expected = expected_average(w1, w2)
     for name, want_array in ref.items():
         got, want = arrays[name].numpy(), want_array.numpy()
         assert got.dtype == want.dtype, name
@@ -181,14 +191,15 @@ def bad_content(case: str) -> RecordDict:
         del arrays["idx"]
     elif case == "extra array":
         arrays["sneaky"] = np.zeros(2, dtype=np.float32)
-    elif case == "missing num-examples":
-        del weights["num-examples"]
-    elif case == "zero num-examples":
-        weights["num-examples"] = 0
-    elif case == "negative num-examples":
-        weights["num-examples"] = -5
-    elif case == "NaN num-examples":
-        weights["num-examples"] = float("nan")
+    elif case == "huge norm":  # 1e30-scale weights: would swamp any weighted average
+        arrays["w"] = arrays["w"] * np.float32(1e30)
+        arrays["b"] = arrays["b"] * 1e30
+    elif case == "norm just over the bound":  # 10 x ||global|| away, and a little more
+        arrays["b"] = reference()["b"].numpy() + np.array([10.01 * _norm(reference()), 0.0, 0.0])
+    elif case == "NaN metric":
+        weights["epsilon"] = float("nan")
+    elif case == "infinite count":
+        weights["num-examples"] = float("inf")
     elif case == "two ArrayRecords":
         extra_records = {"more-arrays": record(arrays_of(1))}
     elif case == "two MetricRecords":
@@ -213,11 +224,15 @@ BAD_CASES = {
     "infinite": "infinite",
     "missing array": "names differ",
     "extra array": "names differ",
-    "missing num-examples": "num-examples",
-    "zero num-examples": "num-examples",
-    "negative num-examples": "num-examples",
-    "NaN num-examples": "num-examples",
+    "huge norm": "update norm ratio 4.924e+29",  # ||(w, b) x 1e30|| / ||global||, logged
+    "norm just over the bound": "update norm ratio 10.0",
+    "NaN metric": "metric 'epsilon' must be a finite number",
+    "infinite count": "metric 'num-examples' must be a finite number",
     "two ArrayRecords": "ArrayRecord",
     "two MetricRecords": "MetricRecord",
     "undecodable bytes": "cannot be decoded",
 }
+
+
+def _norm(arrays: ArrayRecord) -> float:
+    return float(np.sqrt(sum(np.sum(a.numpy().astype(np.float64) ** 2) for a in arrays.values())))

@@ -96,9 +96,16 @@ def test_params_are_checked_without_building() -> None:
 
 def test_build_validating_strategy_wraps_the_named_strategy() -> None:
     strategy = build_validating_strategy(
-        "fedprox", {"proximal_mu": 0.1}, action="generator", min_replies=2, quorum_timeout_s=5.0
+        "fedprox",
+        {"proximal_mu": 0.1},
+        action="generator",
+        weights={"hospital-1": 12.5},
+        min_replies=2,
+        quorum_timeout_s=5.0,
+        max_update_norm_ratio=3.0,
     )
     assert isinstance(strategy, ValidatingStrategy)
     assert type(strategy.inner) is FedProx
     assert (strategy.action, strategy.min_replies, strategy.quorum_timeout_s) == ("generator", 2, 5.0)
+    assert (strategy.weights, strategy.max_update_norm_ratio) == ({"hospital-1": 12.5}, 3.0)
     assert strategy.weighted_by_key == "num-examples"

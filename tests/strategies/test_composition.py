@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -17,6 +17,7 @@ from strategies.validating import ValidatingStrategy
 from tests.strategies.support import (
     BAD_NODE,
     GOOD_NODES,
+    WEIGHTS,
     AnsweringGrid,
     arrays_of,
     bad_content,
@@ -44,8 +45,15 @@ class SpyFedAvg(FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
+def _random_weights(nodes: Iterable[int], seed: int) -> dict[str, float]:
+    """What the handshake would give each hospital: a DP count, not an integer."""
+    rng = np.random.default_rng(seed + 100)
+    return {f"hospital-{node}": float(rng.uniform(1, 500)) for node in nodes}
+
+
 def _random_replies(instructions: dict[int, Message], seed: int) -> list[Message]:
-    """Float updates with random values and weights; each hospital reports a different metric set."""
+    """Float updates with random values; each hospital reports a different metric set and a
+    random count, which the wrapper ignores."""
     rng = np.random.default_rng(seed)
     replies = []
     for i, (node, instruction) in enumerate(sorted(instructions.items(), reverse=True)):
@@ -67,13 +75,21 @@ def _random_replies(instructions: dict[int, Message], seed: int) -> list[Message
 def test_inner_fedavg_is_bit_identical_to_a_direct_weighted_average() -> None:
     nodes = (5, 1, 9, 3, 7)
     for seed in range(5):
-        strategy, instructions, ref = start(nodes=nodes)
+        weights = _random_weights(nodes, seed)
+        strategy, instructions, ref = start(nodes=nodes, weights=weights)
         replies = _random_replies(instructions, seed)
         arrays, _ = strategy.aggregate_train(1, replies)
-        # What ValidatedFedAvg computed: every accepted reply, sorted by hospital, averaged whole.
-        direct = cast_like(
-            aggregate_arrayrecords([m.content for m in sorted(replies, key=hospital_of)], "num-examples"), ref
-        )
+        # Every accepted reply, sorted by hospital, averaged whole by the handshake's weights.
+        records = [
+            RecordDict(
+                {
+                    "arrays": m.content.array_records["arrays"],
+                    "metrics": MetricRecord({"num-examples": weights[hospital_of(m)]}),
+                }
+            )
+            for m in sorted(replies, key=hospital_of)
+        ]
+        direct = cast_like(aggregate_arrayrecords(records, "num-examples"), ref)
         assert arrays is not None
         assert list(arrays) == list(direct)
         for name in direct:
@@ -97,7 +113,8 @@ def test_a_malformed_reply_never_reaches_the_inner_strategy() -> None:
     assert server_round == 1
     assert [m.metadata.src_node_id for m in seen] == [11, 22]  # sorted by hospital, bad one absent
     for message, weight in zip(seen, (1, 3), strict=True):
-        # canonical: the update's arrays and its weight, nothing else (no node-info, no extra metrics)
+        # canonical: the update's arrays and the server's weight, nothing else (no node-info, no
+        # extra metrics)
         assert set(message.content.keys()) == {"arrays", "metrics"}
         assert dict(message.content.metric_records["metrics"]) == {"num-examples": weight}
         assert NODE_INFO_KEY not in message.content.config_records
@@ -114,7 +131,7 @@ def test_nothing_reaches_the_inner_strategy_below_quorum() -> None:
 
 def test_a_resumed_run_shows_the_inner_strategy_real_round_numbers() -> None:
     spy = SpyFedAvg()
-    strategy = ValidatingStrategy(spy, action="generator", quorum_timeout_s=0.0)
+    strategy = ValidatingStrategy(spy, action="generator", weights=WEIGHTS, quorum_timeout_s=0.0)
     strategy.start(AnsweringGrid(GOOD_NODES), reference(), num_rounds=5, first_round=4)
     assert [r for r, _ in spy.seen] == [4, 5]
 
@@ -136,7 +153,7 @@ def test_fedprox_sends_proximal_mu_in_every_train_message() -> None:
 
 def test_fedprox_through_start_sends_proximal_mu_each_round() -> None:
     strategy = build_validating_strategy(
-        "fedprox", {"proximal_mu": 0.5}, action="risk_model", quorum_timeout_s=0.0
+        "fedprox", {"proximal_mu": 0.5}, action="risk_model", weights=WEIGHTS, quorum_timeout_s=0.0
     )
     grid = AnsweringGrid(GOOD_NODES)
     strategy.start(grid, reference(), num_rounds=2, train_config=ConfigRecord({"lr": 0.1}))
@@ -162,19 +179,23 @@ def test_fedadam_moves_the_model_by_an_adam_step_not_to_the_average_and_keeps_dt
         assert (got.dtype, got.shape) == (want.numpy().dtype, want.numpy().shape), name
     assert not np.array_equal(adam_arrays["w"].numpy(), avg_arrays["w"].numpy())
 
-    # First round from zeros: m = (1 - b1) d, v = (1 - b2) d^2, step = eta_norm m / (sqrt(v) + tau).
+    # First round, d = average - global: m = (1 - b1) d, v = (1 - b2) d^2,
+    # new = global + eta_norm m / (sqrt(v) + tau).
     inner = adam.inner
     assert isinstance(inner, FedAdam)
     eta_norm = 0.5 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)
     for name in ("w", "b", "t"):
-        delta = avg_arrays[name].numpy().astype(np.float64)
+        start_from = ref[name].numpy().astype(np.float64)
+        delta = avg_arrays[name].numpy().astype(np.float64) - start_from
         step = eta_norm * (0.1 * delta) / (np.sqrt(0.01 * delta**2) + 1e-3)
-        np.testing.assert_allclose(adam_arrays[name].numpy(), step, rtol=1e-5)
+        np.testing.assert_allclose(adam_arrays[name].numpy(), start_from + step, rtol=1e-5)
     assert adam.rounds[-1].aggregated is True
 
 
 def test_fedadam_state_follows_the_weights_actually_sent() -> None:
-    strategy = build_validating_strategy("fedadam", {}, action="generator", quorum_timeout_s=0.0)
+    strategy = build_validating_strategy(
+        "fedadam", {}, action="generator", weights=WEIGHTS, quorum_timeout_s=0.0
+    )
     grid = AnsweringGrid(GOOD_NODES)
     result = strategy.start(grid, reference(), num_rounds=3)
     inner = strategy.inner

@@ -16,12 +16,14 @@ from tests.strategies.support import (
     BAD_CASES,
     BAD_NODE,
     GOOD_NODES,
+    WEIGHTS,
     AnsweringGrid,
     StaticGrid,
     arrays_of,
     assert_matches_good_average,
     bad_content,
     content,
+    expected_average,
     good_replies,
     metrics,
     record,
@@ -34,7 +36,9 @@ LOGGER = "strategies.validating"
 
 
 def _wrapper(**kwargs) -> ValidatingStrategy:
-    return ValidatingStrategy(build_strategy("fedavg"), action=kwargs.pop("action", "generator"), **kwargs)
+    kwargs.setdefault("weights", WEIGHTS)
+    inner = kwargs.pop("inner", None) or build_strategy("fedavg")
+    return ValidatingStrategy(inner, action=kwargs.pop("action", "generator"), **kwargs)
 
 
 # --- construction ---------------------------------------------------------------------------
@@ -46,14 +50,20 @@ def test_constructor_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="min_replies"):
         _wrapper(min_replies=0)
     with pytest.raises(ValueError, match="fraction_train=0"):
-        ValidatingStrategy(build_strategy("fedavg").__class__(fraction_train=0.0), action="generator")
+        _wrapper(inner=build_strategy("fedavg").__class__(fraction_train=0.0))
+    for weights in ({}, {"hospital-1": 0.0}, {"hospital-1": float("nan")}, {"hospital-1": float("inf")}):
+        with pytest.raises(ValueError, match="weights must map hospitals"):
+            _wrapper(weights=weights)
+    for ratio in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="max_update_norm_ratio"):
+            _wrapper(max_update_norm_ratio=ratio)
 
 
 def test_inner_sampling_minima_are_lowered_so_sampling_never_blocks() -> None:
     from flwr.serverapp.strategy import FedAvg
 
     inner = FedAvg(min_train_nodes=5, min_available_nodes=9)
-    strategy = ValidatingStrategy(inner, action="generator", quorum_timeout_s=0.0)
+    strategy = ValidatingStrategy(inner, action="generator", weights=WEIGHTS, quorum_timeout_s=0.0)
     messages = list(strategy.configure_train(1, reference(), ConfigRecord(), StaticGrid([4])))
     assert (inner.min_train_nodes, inner.min_available_nodes) == (1, 1)
     assert [m.metadata.dst_node_id for m in messages] == [4]
@@ -136,7 +146,9 @@ def test_weighted_average_with_random_float_values() -> None:
     rng = np.random.default_rng(3)
     nodes = (1, 2, 3)
     weights = (2, 5, 13)
-    strategy, instructions, ref = start(nodes=nodes)
+    strategy, instructions, ref = start(
+        nodes=nodes, weights={f"h{n}": w for n, w in zip(nodes, weights, strict=True)}
+    )
     updates = [
         {
             "w": rng.normal(size=(2, 2)).astype(np.float32),
@@ -148,8 +160,8 @@ def test_weighted_average_with_random_float_values() -> None:
         for _ in nodes
     ]
     replies = [
-        reply(instructions[node], content(values, metrics(weight), f"h{node}"))
-        for node, weight, values in zip(nodes, weights, updates, strict=True)
+        reply(instructions[node], content(values, metrics(1), f"h{node}"))  # the claimed 1 is ignored
+        for node, values in zip(nodes, updates, strict=True)
     ]
     arrays, _ = strategy.aggregate_train(2, replies)
     assert arrays is not None
@@ -186,7 +198,7 @@ def test_integer_buffers_are_rounded_back_to_integers() -> None:
 def test_arrival_order_does_not_change_the_aggregate() -> None:
     rng = np.random.default_rng(5)
     nodes = (1, 2, 3, 4)
-    strategy, instructions, _ = start(nodes=nodes)
+    strategy, instructions, _ = start(nodes=nodes, weights={f"h{n}": float(n) for n in nodes})
     replies = [
         reply(
             instructions[n],
@@ -307,6 +319,68 @@ def test_a_reply_with_different_metric_keys_does_not_crash_the_round() -> None:
     assert strategy.rounds[-1].aggregated is True
     assert merged["loss-sum"] == 1.5  # the wrapper merges the full metric sets
     assert merged["num-examples"] == 6.0
+
+
+# --- aggregate_train: the server's weights and the update norm bound ------------------------
+
+
+def test_a_huge_norm_update_is_rejected_and_the_rest_average_by_their_weights(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    strategy, instructions, ref = start()
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    huge = reply(instructions[BAD_NODE], bad_content("huge norm"))  # hospital-bad, weight 7
+    arrays, merged = strategy.aggregate_train(1, [huge, *good_replies(instructions)])
+    assert_matches_good_average(arrays, ref)  # (1 x1 + 3 x2) / 4, exactly
+    assert merged["num-examples"] == 4.0
+    (rejected,) = strategy.rounds[-1].rejected
+    assert rejected["hospital"] == "hospital-bad" and "norm ratio 4.924e+29" in rejected["reason"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert "hospital-bad" in warning and "update norm ratio 4.924e+29" in warning
+
+
+def test_an_inflated_or_missing_count_in_a_reply_does_not_change_the_average() -> None:
+    strategy, instructions, ref = start()
+    inflated = content(arrays_of(1), metrics(1e12, epsilon=0.4), "hospital-1")
+    silent = content(arrays_of(5), {"epsilon": 1.1}, "hospital-2")  # no "num-examples" at all
+    replies = [reply(instructions[11], inflated), reply(instructions[22], silent)]
+    arrays, merged = strategy.aggregate_train(1, replies)
+    assert_matches_good_average(arrays, ref)
+    assert merged["num-examples"] == 4.0  # the weights used, not the 1e12 claimed
+    log = strategy.rounds[-1]
+    assert log.rejected == []
+    assert [(a["hospital"], a["num-examples"]) for a in log.accepted] == [
+        ("hospital-1", 1.0),
+        ("hospital-2", 3.0),
+    ]
+
+
+def test_the_weights_come_from_the_mapping() -> None:
+    strategy, instructions, ref = start(weights={"hospital-1": 3.0, "hospital-2": 1.0})
+    arrays, merged = strategy.aggregate_train(1, good_replies(instructions))  # replies claim 1 and 3
+    assert_matches_good_average(arrays, ref, w1=3.0, w2=1.0)
+    assert (
+        arrays["w"].numpy().tolist()
+        == expected_average(3.0, 1.0)["w"].tolist()
+        == [
+            [2.0, 4.0],
+            [6.0, 8.0],
+        ]
+    )
+    assert merged["num-examples"] == 4.0
+
+
+def test_a_node_is_weighed_under_its_handshake_name_not_the_name_it_claims() -> None:
+    strategy, instructions, ref = start()
+    strategy.hospital_names = {11: "hospital-1", 22: "hospital-2", BAD_NODE: "hospital-3"}
+    claims_more = content(arrays_of(5), metrics(3), "hospital-bad")  # node 22; hospital-bad weighs 7
+    replies = [good_replies(instructions)[0], reply(instructions[22], claims_more)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert_matches_good_average(arrays, ref)  # node 22 still weighs 3
+    unknown = reply(instructions[BAD_NODE], content(arrays_of(2), metrics(5), "hospital-2"))
+    strategy.aggregate_train(2, [*good_replies(instructions), unknown])
+    (rejected,) = strategy.rounds[-1].rejected
+    assert (rejected["node"], rejected["reason"]) == (BAD_NODE, "no handshake weight for hospital-3")
 
 
 # --- client-side evaluation is off ----------------------------------------------------------

@@ -7,8 +7,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from strategies.aggregation import cast_like, sum_metricrecords
-from strategies.validation import check_update
-from tests.strategies.support import BAD_CASES, arrays_of, bad_content, content, metrics, reference
+from strategies.validation import DEFAULT_MAX_UPDATE_NORM_RATIO, check_update, update_norm_ratio
+from tests.strategies.support import BAD_CASES, arrays_of, bad_content, content, metrics, record, reference
 
 # --- sum_metricrecords ----------------------------------------------------------------------
 
@@ -126,19 +126,42 @@ def test_check_update_requires_records() -> None:
     assert "MetricRecord" in check_update(content(arrays_of(1), None, None), reference())
 
 
-def test_check_update_uses_the_given_weight_key() -> None:
-    update = _update(weights={"records": 12, "epsilon": 0.1})
-    assert check_update(update, reference(), weight_key="records") is None
-    assert "'num-examples' is missing" in check_update(update, reference())
-
-
-def test_check_update_rejects_list_and_infinite_weights() -> None:
-    assert "num-examples" in check_update(_update(weights={"num-examples": [1, 2]}), reference())
+def test_check_update_needs_no_weight_in_the_reply() -> None:
+    # the server weighs by the handshake's DP count: a reply's count is neither needed nor checked
+    assert check_update(_update(weights={"epsilon": 0.1}), reference()) is None
+    assert check_update(_update(weights={"num-examples": 0, "epsilon": 0.1}), reference()) is None
+    assert check_update(_update(weights={"num-examples": [1, 2], "epsilon": 0.1}), reference()) is None
     problem = check_update(_update(weights={"num-examples": float("inf")}), reference())
-    assert problem == "'num-examples' must be a positive finite number, got inf"
+    assert problem == "metric 'num-examples' must be a finite number, got inf"
 
 
-def test_check_update_allows_extreme_but_finite_values_in_integer_arrays() -> None:
+def test_the_update_norm_ratio_is_the_distance_over_the_global_norm() -> None:
+    # reference() is arrays_of(3) and every array is linear in the scale: the ratio is exact
+    assert update_norm_ratio(record(arrays_of(6)), reference()) == pytest.approx(1.0, rel=1e-12)
+    assert update_norm_ratio(record(arrays_of(3)), reference()) == 0.0
+    zeros = record({k: np.zeros_like(v) for k, v in arrays_of(1).items()})
+    # ||global|| below 1 counts as 1, so a zero model still has a bound
+    assert update_norm_ratio(record(arrays_of(1)), zeros) == pytest.approx(
+        np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in arrays_of(1).values()))
+    )
+
+
+def test_check_update_refuses_an_update_beyond_the_norm_bound_only() -> None:
+    assert DEFAULT_MAX_UPDATE_NORM_RATIO == 10.0
+    update = _update(arrays=arrays_of(4))  # ratio 1/3
+    assert check_update(update, reference(), max_norm_ratio=0.34) is None
+    problem = check_update(update, reference(), max_norm_ratio=0.2)
+    assert problem == (
+        "update norm ratio 0.3333 (||update - global|| / max(||global||, 1)) exceeds 0.2 "
+        "(federation.max_update_norm_ratio)"
+    )
+
+
+def test_check_update_refuses_extreme_integer_arrays_by_their_norm_without_overflow() -> None:
     arrays = arrays_of(1)
     arrays["idx"] = np.array([np.iinfo(np.int64).max, 0, -1], dtype=np.int64)
-    assert check_update(_update(arrays=arrays), reference()) is None
+    assert check_update(_update(arrays=arrays), reference(), max_norm_ratio=float("inf")) is None
+    assert "update norm ratio 3.555e+17" in check_update(_update(arrays=arrays), reference())
+    arrays = arrays_of(1)
+    arrays["b"] = np.array([1e200, -1e200, 1e200])  # squares overflow float64: refused, no warning
+    assert "update norm ratio inf" in check_update(_update(arrays=arrays), reference())
