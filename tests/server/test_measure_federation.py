@@ -18,6 +18,7 @@ from models.encoder import TabularEncoder
 from models.pgm.marginals import Measurement, clique_of
 from models.pgm.model import PrivatePGM
 from simulation.runner import simulate
+from tests.support.egress import egress_violations
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +77,7 @@ def test_measurement_replies_hold_noisy_tables_and_public_facts_only(recorded) -
             # Gaussian noise on every cell: no exact count survives (an exact one would be whole)
             assert not np.any(table == np.round(table)), name
             assert table.ndim == len(clique_of(name)) <= 3
+    assert egress_violations(replies) == []  # the default plan's static stage: every value classified
     for hospital in outcome.metrics["hospitals"]:  # the measurements are charged, within budget
         assert 4.9 < hospital["epsilon"] <= 5.0 + 1e-9
 

@@ -109,8 +109,9 @@ def test_hospital_with_invalid_data_is_refused_and_run_goes_on(tmp_path: Path) -
     cohort_dir = tmp_path / "cohort"
     prepare_demo_cohort(load_settings(None, overrides), cohort_dir)
     broken = cohort_dir / "hospital-2" / "static.csv"
-    frame = pd.read_csv(broken)
-    frame.loc[4, "bmi"] = 99.0  # outside the schema's [14, 50]
+    frame = pd.read_csv(broken).astype({"bmi": object})
+    frame.loc[4, "bmi"] = "zz-unique-9f3a"  # a value found nowhere else
+    patient = str(frame.loc[4, "patient_id"])
     frame.to_csv(broken, index=False)
 
     outcome = simulate(config=None, overrides=overrides, out_dir=tmp_path / "out", cohort_dir=cohort_dir)
@@ -118,7 +119,11 @@ def test_hospital_with_invalid_data_is_refused_and_run_goes_on(tmp_path: Path) -
     refusals = outcome.metrics["handshake_refusals"]
     assert len(refusals) == 1
     assert "hospital-2" in refusals[0]["reason"]
-    assert "line 6" in refusals[0]["reason"] and "'bmi'" in refusals[0]["reason"]
+    assert "line 6, column 'bmi': not a number" in refusals[0]["reason"]
+    # the coordinator learns where and what kind of problem, never the value or whose row it is
+    for written in (tmp_path / "out").rglob("*.json"):
+        text = written.read_text(encoding="utf-8")
+        assert "zz-unique-9f3a" not in text and patient not in text, written
     assert {h["hospital"] for h in outcome.metrics["hospitals"]} == {"hospital-1", "hospital-3"}
     # a node that failed the handshake is not asked to train
     assert sorted(outcome.metrics["rounds"][0]["hospitals"]) == ["hospital-1", "hospital-3"]
