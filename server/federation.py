@@ -16,7 +16,13 @@ from models.bundle import sample_linked
 from models.encoder import TabularEncoder
 from server.checkpoint import Checkpoint, resumable_checkpoint
 from server.export import QUARANTINE_DIR, export_run
-from server.handshake import HandshakeResult, resumed_handshake, run_handshake, wait_for_nodes
+from server.handshake import (
+    HandshakeResult,
+    count_cell_bound,
+    resumed_handshake,
+    run_handshake,
+    wait_for_nodes,
+)
 from server.measure import run_measurements
 from server.plan import Stage, plan_releases, plan_stages
 from server.resume import Checkpointer
@@ -76,6 +82,7 @@ def _run_stages(
                     handshake,
                     timeout_s=settings.federation.round_timeout_s,
                     federation_id=federation_id,
+                    cell_bound=count_cell_bound(settings.federation.max_hospital_weight),
                 )
     remaining = sum(s.rounds for s in stages[first_stage:]) - (start.first_round - 1)
     with Progress(transient=False) as progress:

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def _reply_tables(
-    reply: Message, request: MeasureRequest, schema: Any
+    reply: Message, request: MeasureRequest, schema: Any, cell_bound: float
 ) -> tuple[dict[str, np.ndarray], float, float]:
     """A hospital's noisy tables, noise multiplier and epsilon, or ValueError naming what is wrong."""
     if reply.has_error():
@@ -38,6 +38,11 @@ def _reply_tables(
     problem = marginals_problem(tables, schema, cliques, request.table_cells)
     if problem is not None:
         raise ValueError(problem)
+    # a count table's cells are bounded (`server.handshake.count_cell_bound`): two cells of 1e308
+    # would otherwise make the sums infinite for every hospital
+    huge = [key for key, table in tables.items() if np.abs(table).max(initial=0.0) > cell_bound]
+    if huge:
+        raise ValueError(f"marginal table '{huge[0]}' has a cell beyond {cell_bound:g}")
     numbers = [metrics.get("noise-multiplier"), metrics.get("epsilon")]
     if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
         raise ValueError(f"'noise-multiplier' and 'epsilon' must be finite numbers, got {numbers}")
@@ -48,7 +53,13 @@ def _reply_tables(
 
 
 def _measurement_round(
-    grid: Grid, request: MeasureRequest, handshake: HandshakeResult, schema: Any, timeout_s: float
+    grid: Grid,
+    request: MeasureRequest,
+    handshake: HandshakeResult,
+    schema: Any,
+    *,
+    timeout_s: float,
+    cell_bound: float,
 ) -> tuple[dict[str, np.ndarray], float, list[dict[str, Any]]]:
     """(summed tables, per-cell noise sd of the sums, refusals) of one round; each answering
     hospital's epsilon (its accountant's, all charges so far) is kept in the handshake's summary."""
@@ -60,7 +71,7 @@ def _measurement_round(
     variance, refusals = 0.0, []
     for reply in replies:
         try:
-            tables, z, epsilon = _reply_tables(reply, request, schema)
+            tables, z, epsilon = _reply_tables(reply, request, schema, cell_bound)
         except (TypeError, ValueError) as err:
             logger.warning("measurement: %s left out: %s", hospital_of(reply), err)
             refusals.append(
@@ -78,7 +89,13 @@ def _measurement_round(
 
 
 def run_measurements(
-    grid: Grid, stage: Stage, handshake: HandshakeResult, *, timeout_s: float, federation_id: str
+    grid: Grid,
+    stage: Stage,
+    handshake: HandshakeResult,
+    *,
+    timeout_s: float,
+    federation_id: str,
+    cell_bound: float,
 ) -> list[dict[str, Any]]:
     """Every measurement round the model plans, then its fit; returns the hospitals' refusals."""
     model = stage.model
@@ -99,7 +116,9 @@ def run_measurements(
             federation_id=federation_id,
             table_cells=model.measurement_table_cells(index),
         )
-        tables, noise_sd, refused = _measurement_round(grid, request, handshake, schema, timeout_s)
+        tables, noise_sd, refused = _measurement_round(
+            grid, request, handshake, schema, timeout_s=timeout_s, cell_bound=cell_bound
+        )
         refusals += refused
         if not tables:
             raise RuntimeError(f"{stage.label}: no hospital answered measurement round {index}: {refused}")
