@@ -1,10 +1,9 @@
-"""Pure client tasks: handshake statistics, one local DP training round, measurement rounds, audit."""
+"""Pure client tasks: handshake statistics, one local DP training round, measurement rounds."""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -25,8 +24,6 @@ from models.releases.catalog import get_release, releases_for
 from models.runtime import resolve_device
 from models.sequence.encoder import SequenceEncoder
 from models.sequence.stand_ins import decode_stand_ins
-from models.sequence_metrics import evaluate_sequences
-from privacy.attacks import classifier_attack, dcr_overfitting_protection, distance_attack, domias_attack
 from privacy.dp_training import DPSpec
 from privacy.facade import gaussian_noise_multiplier, planned_steps
 from privacy.ledger import PrivacyLedger, rounds_noise
@@ -205,63 +202,6 @@ def _without_step_counters(
     return {
         k: sent[k].clone() if k.endswith("num_batches_tracked") and k in sent else v for k, v in new.items()
     }
-
-
-def audit_answers(
-    members: Cohort,
-    holdout: Cohort,
-    synthetic: np.ndarray,
-    encoder: TabularEncoder,
-    *,
-    n_bootstrap: int,
-    seed: int,
-) -> dict[str, float | list[float]]:
-    """DCR and membership-inference attacks on this hospital's own members vs non-members.
-
-    Only aggregates leave: scores, counts, histogram counts on fixed bins and ROC curves on a
-    fixed FPR grid; never a record or a per-record score. For the attacks that need a population
-    reference, the held-out records are split in two: candidates (non-members) and reference.
-    """
-    train = encoder.transform(members.static)
-    held = encoder.transform(holdout.static)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(held))
-    candidates, reference = held[order[: len(held) // 2]], held[order[len(held) // 2 :]]
-    answers: dict[str, float | list[float]] = {}
-    dcr = dcr_overfitting_protection(train, held, synthetic, seed=seed)
-    for key, value in asdict(dcr).items():
-        answers[f"dcr/{key}"] = list(map(float, value)) if isinstance(value, tuple) else float(value)
-    attacks = [
-        # needs no population reference, so every held-out record serves as a non-member
-        distance_attack(train, held, synthetic, seed=seed, n_bootstrap=n_bootstrap),
-        domias_attack(train, candidates, synthetic, reference, seed=seed, n_bootstrap=n_bootstrap),
-        classifier_attack(train, candidates, synthetic, reference, seed=seed, n_bootstrap=n_bootstrap),
-    ]
-    for attack in attacks:
-        for key, value in asdict(attack).items():
-            if key == "name":
-                continue
-            answers[f"attack/{attack.name}/{key}"] = (
-                list(map(float, value)) if isinstance(value, tuple) else float(value)
-            )
-    return answers
-
-
-def sequence_answers(
-    members: Cohort, weeks: np.ndarray, synthetic: np.ndarray, encoder: TabularEncoder, *, seed: int
-) -> dict[str, float]:
-    """TimeGAN fidelity of the synthetic weeks against this hospital's real weeks (aggregates only)."""
-    schema = encoder.schema
-    assert schema.sequence is not None
-    metrics = evaluate_sequences(
-        weeks_of(members, schema),
-        weeks,
-        channels=[c.name for c in schema.sequence.channels],
-        seed=seed,
-        real_static=members.static,
-        syn_static=encoder.inverse_transform(synthetic),
-    )
-    return {f"sequence/{key}": float(value) for key, value in metrics.items()}
 
 
 def measurement_plan(
