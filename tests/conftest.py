@@ -36,3 +36,11 @@ def server_task_identity() -> Iterator[None]:
     yield
     for attr, value in previous.items():
         setattr(TaskIdentity, attr, value)
+
+
+@pytest.fixture(scope="session")
+def tiny_recorded_run(tmp_path_factory: pytest.TempPathFactory):
+    """`tests.support.runs.TINY` run once per session, with every reply the server got."""
+    from tests.support.runs import TINY, recorded_simulation
+
+    return recorded_simulation(TINY, tmp_path_factory.mktemp("tiny-run"))

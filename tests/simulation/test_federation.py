@@ -16,34 +16,15 @@ from models.bundle import load_linked_bundle, sample_linked
 from server.checkpoint import CheckpointError
 from server.resume import Checkpointer
 from simulation.runner import prepare_demo_cohort, simulate
+from tests.support.runs import NO_SEQUENCE, TINY
 
 pytestmark = pytest.mark.integration
 
-# The static generator alone, with the budget TimeGAN would have had.
-NO_SEQUENCE = {"stages.timegan": False, "stages.0.epsilon_share": 0.75}
-TINY = {
-    "federation.patients": 360,
-    "federation.hospitals": 2,
-    "stages.0.model": "dp-ctgan",  # the round-trained generator with SA-DQC
-    "stages.0.rounds": 2,
-    "federation.batch_size": 32,
-    "export.synthetic_rows": 500,
-    "export.round_sample_rows": 200,
-    # tiny cohorts: the audit's verdict is chance; the release is what these tests check
-    "audit.release_on_fail": True,
-    "model.dp-ctgan.generator_dims": [32],
-    "model.dp-ctgan.discriminator_dims": [32],
-    "model.dp-ctgan.embedding_dim": 16,
-    "model.timegan.hidden_dim": 8,
-    "model.timegan.num_layers": 1,
-    "stages.timegan.phases": {"embedding": 1, "supervised": 1, "joint": 1},
-}
 
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("run")
-    return simulate(config=None, overrides=TINY, out_dir=out)
+@pytest.fixture
+def tiny_run(tiny_recorded_run):
+    """The session's tiny run (`tests.support.runs.TINY`), shared with the audit's tests."""
+    return tiny_recorded_run[0]
 
 
 def test_run_exports_bundle_synthetic_table_and_metrics(tiny_run) -> None:

@@ -1,0 +1,51 @@
+"""The tiny simulated federation several test modules read: one run per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Message
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+from simulation.runner import SimulationOutcome, simulate
+
+# DP-CTGAN (trained in rounds, with SA-DQC) and a tiny TimeGAN: every kind of round and message.
+TINY: dict[str, Any] = {
+    "federation.patients": 360,
+    "federation.hospitals": 2,
+    "stages.0.model": "dp-ctgan",
+    "stages.0.rounds": 2,
+    "federation.batch_size": 32,
+    "export.synthetic_rows": 500,
+    "export.round_sample_rows": 200,
+    "audit.synthetic_rows": 400,
+    "audit.bootstrap": 50,
+    # tiny cohorts: the audit's verdict is chance; the release is what these runs check
+    "audit.release_on_fail": True,
+    "model.dp-ctgan.generator_dims": [32],
+    "model.dp-ctgan.discriminator_dims": [32],
+    "model.dp-ctgan.embedding_dim": 16,
+    "model.timegan.hidden_dim": 8,
+    "model.timegan.num_layers": 1,
+    "stages.timegan.phases": {"embedding": 1, "supervised": 1, "joint": 1},
+}
+# The static generator alone, with the budget TimeGAN would have had.
+NO_SEQUENCE = {"stages.timegan": False, "stages.0.epsilon_share": 0.75}
+
+
+def recorded_simulation(overrides: dict[str, Any], out_dir: Path) -> tuple[SimulationOutcome, list[Message]]:
+    """A simulated run and every reply that reached the server."""
+    replies: list[Message] = []
+    original = InMemoryGrid.pull_messages
+
+    def recording_pull(self, message_ids):
+        pulled = list(original(self, message_ids))
+        replies.extend(pulled)
+        return pulled
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InMemoryGrid, "pull_messages", recording_pull)
+        outcome = simulate(config=None, overrides=overrides, out_dir=out_dir)
+    return outcome, replies
