@@ -25,6 +25,7 @@ from client.data import (
 from configs.schema import CohortSchema, load_schema
 from mindfed.cli import app
 from simulation.cohort import DemoCohort, generate_demo_cohort, write_cohort_folder
+from tests.support.csv_cells import cell, lines_of, save_lines, set_cell
 
 N_PATIENTS = 150
 DAYS = 7
@@ -48,33 +49,10 @@ def folder(tmp_path: Path, demo: DemoCohort) -> Path:
 
 
 # ---------------------------------------------------------------- CSV editing helpers
-def _lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines()
-
-
-def _save(path: Path, lines: list[str]) -> None:
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _cell(path: Path, line: int, column: str) -> str:
-    lines = _lines(path)
-    return lines[line - 1].split(",")[lines[0].split(",").index(column)]
-
-
-def _set_cell(path: Path, line: int, column: str, value: str) -> None:
-    """Overwrite one cell; `line` is the 1-based line in the file (the header is line 1)."""
-    lines = _lines(path)
-    index = lines[0].split(",").index(column)
-    cells = lines[line - 1].split(",")
-    cells[index] = value
-    lines[line - 1] = ",".join(cells)
-    _save(path, lines)
-
-
 def _drop_column(path: Path, column: str) -> None:
-    lines = _lines(path)
+    lines = lines_of(path)
     index = lines[0].split(",").index(column)
-    _save(path, [",".join(c for i, c in enumerate(line.split(",")) if i != index) for line in lines])
+    save_lines(path, [",".join(c for i, c in enumerate(line.split(",")) if i != index) for line in lines])
 
 
 def _load_error(folder: Path, schema: CohortSchema) -> CohortValidationError:
@@ -121,10 +99,10 @@ def test_valid_folder_loads_with_counts_and_dtypes(
 
 def test_rows_in_any_order_and_padded_cells_load(folder: Path, schema: CohortSchema) -> None:
     ts_path = folder / "timeseries.csv"
-    lines = _lines(ts_path)
-    _save(ts_path, [lines[0], *reversed(lines[1:])])
-    _set_cell(folder / "static.csv", 2, "gender", f"  {_cell(folder / 'static.csv', 2, 'gender')} ")
-    _set_cell(folder / "static.csv", 2, "age", f" {_cell(folder / 'static.csv', 2, 'age')}  ")
+    lines = lines_of(ts_path)
+    save_lines(ts_path, [lines[0], *reversed(lines[1:])])
+    set_cell(folder / "static.csv", 2, "gender", f"  {cell(folder / 'static.csv', 2, 'gender')} ")
+    set_cell(folder / "static.csv", 2, "age", f" {cell(folder / 'static.csv', 2, 'age')}  ")
     cohort = load_cohort(folder, schema)
     assert cohort.static["gender"].iloc[0] in {"female", "male", "nonbinary"}
     assert cohort.timeseries is not None
@@ -138,8 +116,8 @@ def test_utf8_bom_is_accepted(folder: Path, schema: CohortSchema) -> None:
 
 
 def test_integral_float_in_integer_column_is_accepted(folder: Path, schema: CohortSchema) -> None:
-    value = _cell(folder / "static.csv", 3, "age")
-    _set_cell(folder / "static.csv", 3, "age", f"{value}.0")
+    value = cell(folder / "static.csv", 3, "age")
+    set_cell(folder / "static.csv", 3, "age", f"{value}.0")
     cohort = load_cohort(folder, schema)
     assert cohort.static["age"].iloc[1] == int(value)
     assert cohort.static["age"].dtype == np.int64
@@ -153,8 +131,8 @@ def test_missing_column(folder: Path, schema: CohortSchema) -> None:
 
 
 def test_undeclared_extra_column(folder: Path, schema: CohortSchema) -> None:
-    lines = _lines(folder / "static.csv")
-    _save(folder / "static.csv", [lines[0] + ",shoe_size"] + [line + ",42" for line in lines[1:]])
+    lines = lines_of(folder / "static.csv")
+    save_lines(folder / "static.csv", [lines[0] + ",shoe_size"] + [line + ",42" for line in lines[1:]])
     err = _load_error(folder, schema)
     assert "static.csv, line 1, column 'shoe_size': column is not declared in the schema" in str(err)
 
@@ -200,7 +178,7 @@ def test_bad_cell_is_reported_with_file_line_column_and_class(
     problem: str,
     problem_class: str,
 ) -> None:
-    _set_cell(folder / file, line, column, value)
+    set_cell(folder / file, line, column, value)
     err = _load_error(folder, schema)
     assert f"{file}, line {line}, column '{column}': {problem}" in str(err), str(err)
     assert [(i.file, i.row, i.column, i.problem_class) for i in err.issues if i.file == file] == [
@@ -209,8 +187,8 @@ def test_bad_cell_is_reported_with_file_line_column_and_class(
 
 
 def test_duplicate_patient_id(folder: Path, schema: CohortSchema) -> None:
-    first = _cell(folder / "static.csv", 3, "patient_id")
-    _set_cell(folder / "static.csv", 4, "patient_id", first)
+    first = cell(folder / "static.csv", 3, "patient_id")
+    set_cell(folder / "static.csv", 4, "patient_id", first)
     err = _load_error(folder, schema)
     assert f"static.csv, line 4, column 'patient_id': '{first}' repeats" in str(err)
     assert [i.problem_class for i in err.issues if i.file == "static.csv"] == ["duplicate id"]
@@ -220,10 +198,10 @@ def test_duplicate_patient_id(folder: Path, schema: CohortSchema) -> None:
 
 def test_timeseries_missing_day(folder: Path, schema: CohortSchema) -> None:
     path = folder / "timeseries.csv"
-    lines = _lines(path)
+    lines = lines_of(path)
     patient = lines[3 * DAYS + 3].split(",")[0]  # a row of the fourth patient
     del lines[3 * DAYS + 3]
-    _save(path, lines)
+    save_lines(path, lines)
     err = _load_error(folder, schema)
     assert len(err.issues) == 1
     issue = err.issues[0]
@@ -238,24 +216,24 @@ def test_timeseries_repeated_day(folder: Path, schema: CohortSchema) -> None:
     path = folder / "timeseries.csv"
     # second patient: day 2 appears twice (its day 3 row now says 2)
     line = DAYS + 1 + 3
-    assert _cell(path, line, "day") == "3"
-    _set_cell(path, line, "day", "2")
-    patient = _cell(path, line, "patient_id")
+    assert cell(path, line, "day") == "3"
+    set_cell(path, line, "day", "2")
+    patient = cell(path, line, "patient_id")
     err = _load_error(folder, schema)
     assert any(f"patient '{patient}' needs exactly {DAYS} distinct days" in i.problem for i in err.issues)
 
 
 def test_timeseries_day_out_of_range(folder: Path, schema: CohortSchema) -> None:
-    _set_cell(folder / "timeseries.csv", 2, "day", "0")
+    set_cell(folder / "timeseries.csv", 2, "day", "0")
     err = _load_error(folder, schema)
     assert "timeseries.csv, line 2, column 'day': 0 is outside [1, 7]" in str(err)
 
 
 def test_timeseries_patient_not_in_static(folder: Path, schema: CohortSchema) -> None:
     path = folder / "timeseries.csv"
-    lines = _lines(path)
+    lines = lines_of(path)
     extra = [f"P999999,{day}," + ",".join(lines[day].split(",")[2:]) for day in range(1, DAYS + 1)]
-    _save(path, lines + extra)
+    save_lines(path, lines + extra)
     err = _load_error(folder, schema)
     first_line = len(lines) + 1
     assert (
@@ -276,14 +254,14 @@ def test_empty_file(folder: Path, schema: CohortSchema) -> None:
 
 def test_header_only_file(folder: Path, schema: CohortSchema) -> None:
     path = folder / "static.csv"
-    _save(path, _lines(path)[:1])
+    save_lines(path, lines_of(path)[:1])
     err = _load_error(folder, schema)
     assert "static.csv: has a header but no data rows" in str(err)
 
 
 def test_header_only_timeseries(folder: Path, schema: CohortSchema) -> None:
     path = folder / "timeseries.csv"
-    _save(path, _lines(path)[:1])
+    save_lines(path, lines_of(path)[:1])
     err = _load_error(folder, schema)
     assert "timeseries.csv: has a header but no data rows" in str(err)
 
@@ -299,9 +277,9 @@ def test_non_utf8_bytes(folder: Path, schema: CohortSchema) -> None:
 
 def test_ragged_csv_is_reported_not_raised(folder: Path, schema: CohortSchema) -> None:
     path = folder / "static.csv"
-    lines = _lines(path)
+    lines = lines_of(path)
     lines[5] += ",1,2,3"
-    _save(path, lines)
+    save_lines(path, lines)
     err = _load_error(folder, schema)
     assert "static.csv: not a valid CSV table" in str(err)
 
@@ -338,11 +316,11 @@ def test_cohort_validation_error_is_a_value_error() -> None:
 
 # ---------------------------------------------------------------- every problem is reported
 def test_several_problems_are_all_listed(folder: Path, schema: CohortSchema) -> None:
-    _set_cell(folder / "static.csv", 2, "age", "abc")
-    _set_cell(folder / "static.csv", 3, "gender", "alien")
-    _set_cell(folder / "static.csv", 4, "dass_stress", "99")
-    _set_cell(folder / "timeseries.csv", 5, "hrv_ms", "1000")
-    _set_cell(folder / "timeseries.csv", 6, "steps", "x")
+    set_cell(folder / "static.csv", 2, "age", "abc")
+    set_cell(folder / "static.csv", 3, "gender", "alien")
+    set_cell(folder / "static.csv", 4, "dass_stress", "99")
+    set_cell(folder / "timeseries.csv", 5, "hrv_ms", "1000")
+    set_cell(folder / "timeseries.csv", 6, "steps", "x")
     err = _load_error(folder, schema)
     message = str(err)
     assert "(5 problems)" in message
@@ -360,13 +338,13 @@ def test_several_problems_are_all_listed(folder: Path, schema: CohortSchema) -> 
 def test_problems_beyond_the_cap_are_counted(folder: Path, schema: CohortSchema) -> None:
     n_bad = MAX_REPORTED_ISSUES + 10
     path = folder / "static.csv"
-    lines = _lines(path)
+    lines = lines_of(path)
     index = lines[0].split(",").index("age")
     for line in range(2, 2 + n_bad):
         cells = lines[line - 1].split(",")
         cells[index] = "999"
         lines[line - 1] = ",".join(cells)
-    _save(path, lines)
+    save_lines(path, lines)
     err = _load_error(folder, schema)
     assert len(err.issues) == n_bad  # the exception keeps them all
     message = str(err)
@@ -378,17 +356,17 @@ def test_problems_beyond_the_cap_are_counted(folder: Path, schema: CohortSchema)
 
 
 def test_single_problem_is_singular(folder: Path, schema: CohortSchema) -> None:
-    _set_cell(folder / "static.csv", 2, "age", "abc")
+    set_cell(folder / "static.csv", 2, "age", "abc")
     assert "(1 problem)" in str(_load_error(folder, schema))
 
 
 # ---------------------------------------------------------------- known bugs
 def test_line_numbers_count_blank_lines(folder: Path, schema: CohortSchema) -> None:
     path = folder / "static.csv"
-    lines = _lines(path)
+    lines = lines_of(path)
     lines.insert(3, "")  # file line 4 is now blank
-    _save(path, lines)
-    _set_cell(path, 6, "age", "abc")
+    save_lines(path, lines)
+    set_cell(path, 6, "age", "abc")
     err = _load_error(folder, schema)
     assert "static.csv, line 6, column 'age'" in str(err), str(err)
 
@@ -407,7 +385,7 @@ def _empty_static(folder: Path) -> None:
 
 
 def _header_only_static(folder: Path) -> None:
-    _save(folder / "static.csv", _lines(folder / "static.csv")[:1])
+    save_lines(folder / "static.csv", lines_of(folder / "static.csv")[:1])
 
 
 def _latin1_static(folder: Path) -> None:
@@ -416,9 +394,9 @@ def _latin1_static(folder: Path) -> None:
 
 
 def _ragged_static(folder: Path) -> None:
-    lines = _lines(folder / "static.csv")
+    lines = lines_of(folder / "static.csv")
     lines[5] += ",1,2,3"
-    _save(folder / "static.csv", lines)
+    save_lines(folder / "static.csv", lines)
 
 
 def _no_static(folder: Path) -> None:
@@ -430,8 +408,8 @@ def _no_bmi(folder: Path) -> None:
 
 
 def _extra_column(folder: Path) -> None:
-    lines = _lines(folder / "static.csv")
-    _save(folder / "static.csv", [lines[0] + ",shoe_size"] + [line + ",42" for line in lines[1:]])
+    lines = lines_of(folder / "static.csv")
+    save_lines(folder / "static.csv", [lines[0] + ",shoe_size"] + [line + ",42" for line in lines[1:]])
 
 
 def _csv_as_parquet(folder: Path) -> None:
@@ -498,7 +476,7 @@ MEGABYTE = 1_000_000
 def test_a_megabyte_cell_gives_a_short_detail(
     folder: Path, schema: CohortSchema, file: str, line: int, column: str, value: str
 ) -> None:
-    _set_cell(folder / file, line, column, value)
+    set_cell(folder / file, line, column, value)
     err = _load_error(folder, schema)
     assert all(len(issue.problem) <= MAX_PROBLEM_CHARS for issue in err.issues)
     message = str(err)
@@ -508,8 +486,8 @@ def test_a_megabyte_cell_gives_a_short_detail(
 
 
 def test_a_megabyte_header_cell_gives_a_short_column(folder: Path, schema: CohortSchema) -> None:
-    lines = _lines(folder / "static.csv")
-    _save(folder / "static.csv", [lines[0] + "," + "c" * MEGABYTE] + [line + ",1" for line in lines[1:]])
+    lines = lines_of(folder / "static.csv")
+    save_lines(folder / "static.csv", [lines[0] + "," + "c" * MEGABYTE] + [line + ",1" for line in lines[1:]])
     (issue,) = _load_error(folder, schema).issues
     assert issue.problem_class == "unexpected column"
     assert issue.column is not None and len(issue.column) == MAX_QUOTED_CHARS
@@ -649,7 +627,7 @@ def test_cli_check_accepts_a_valid_folder(folder: Path) -> None:
 
 
 def test_cli_check_reports_file_line_and_column(folder: Path) -> None:
-    _set_cell(folder / "static.csv", 5, "age", "abc")
+    set_cell(folder / "static.csv", 5, "age", "abc")
     result = CliRunner().invoke(app, ["check", "--data", str(folder)])
     assert result.exit_code == 2, result.output
     assert "static.csv, line 5, column 'age': 'abc' is not a number" in _flat(result.output)

@@ -22,6 +22,7 @@ from models.encoder import EncoderError
 from models.releases.base import ReleaseError
 from privacy.ledger import BudgetExceededError
 from simulation.cohort import generate_demo_cohort, write_cohort_folder
+from tests.support.csv_cells import cell, lines_of, set_cell
 
 HOSPITAL = "hospital-7"
 SECRET_VALUE = "zz-unique-9f3a"
@@ -40,24 +41,6 @@ def folder(tmp_path: Path) -> Path:
     return path
 
 
-def _lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines()
-
-
-def _set_cell(path: Path, line: int, column: str, value: str) -> None:
-    lines = _lines(path)
-    index = lines[0].split(",").index(column)
-    cells = lines[line - 1].split(",")
-    cells[index] = value
-    lines[line - 1] = ",".join(cells)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _cell(path: Path, line: int, column: str) -> str:
-    lines = _lines(path)
-    return lines[line - 1].split(",")[lines[0].split(",").index(column)]
-
-
 def _error(folder: Path, schema: CohortSchema) -> CohortValidationError:
     with pytest.raises(CohortValidationError) as info:
         load_cohort(folder, schema)
@@ -69,9 +52,9 @@ def test_reason_names_file_line_column_and_class_but_no_value_id_or_path(
     folder: Path, schema: CohortSchema
 ) -> None:
     static = folder / "static.csv"
-    _set_cell(static, 5, "age", SECRET_VALUE)
-    repeated = _cell(static, 3, "patient_id")
-    _set_cell(static, 4, "patient_id", repeated)
+    set_cell(static, 5, "age", SECRET_VALUE)
+    repeated = cell(static, 3, "patient_id")
+    set_cell(static, 4, "patient_id", repeated)
     err = _error(folder, schema)
     assert SECRET_VALUE in str(err) and repeated in str(err)  # the local detail keeps them
 
@@ -86,7 +69,7 @@ def test_reason_names_file_line_column_and_class_but_no_value_id_or_path(
 
 def test_timeseries_problems_do_not_name_the_patient(folder: Path, schema: CohortSchema) -> None:
     path = folder / "timeseries.csv"
-    lines = _lines(path)
+    lines = lines_of(path)
     patient = lines[1].split(",")[0]
     del lines[1]  # the first patient now has six days
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -98,7 +81,7 @@ def test_timeseries_problems_do_not_name_the_patient(folder: Path, schema: Cohor
 def test_header_cells_from_the_file_stay_local(folder: Path, schema: CohortSchema) -> None:
     # a header that is really a data row: its cells become column names
     static = folder / "static.csv"
-    lines = _lines(static)
+    lines = lines_of(static)
     static.write_text(
         "\n".join([lines[0] + f",{SECRET_VALUE}", *(line + ",1" for line in lines[1:])]) + "\n",
         encoding="utf-8",
@@ -118,7 +101,7 @@ def test_missing_folder_does_not_send_its_path(tmp_path: Path, schema: CohortSch
 def test_only_the_first_issues_are_listed_then_a_count(folder: Path, schema: CohortSchema) -> None:
     n_bad = MAX_PUBLIC_ISSUES + 7
     for line in range(2, 2 + n_bad):
-        _set_cell(folder / "static.csv", line, "age", f"{SECRET_VALUE}-{line}")
+        set_cell(folder / "static.csv", line, "age", f"{SECRET_VALUE}-{line}")
     err = _error(folder, schema)
     reason = public_reason(err, HOSPITAL)
     assert f"({len(err.issues)} problems)" in reason
@@ -128,7 +111,7 @@ def test_only_the_first_issues_are_listed_then_a_count(folder: Path, schema: Coh
 
 
 def test_a_megabyte_cell_gives_a_short_reason(folder: Path, schema: CohortSchema) -> None:
-    _set_cell(folder / "static.csv", 6, "gender", "F" * 1_000_000)
+    set_cell(folder / "static.csv", 6, "gender", "F" * 1_000_000)
     err = _error(folder, schema)
     reason = public_reason(err, HOSPITAL)
     assert len(reason) < 300, reason
@@ -137,7 +120,7 @@ def test_a_megabyte_cell_gives_a_short_reason(folder: Path, schema: CohortSchema
 
 
 def test_public_issue_is_where_and_class_only(folder: Path, schema: CohortSchema) -> None:
-    _set_cell(folder / "static.csv", 9, "bmi", "99")
+    set_cell(folder / "static.csv", 9, "bmi", "99")
     (issue,) = _error(folder, schema).issues
     assert public_issue(issue) == "static.csv, line 9, column 'bmi': out of range"
 
@@ -162,7 +145,7 @@ def test_unknown_errors_send_only_their_class_name() -> None:
 def test_local_log_keeps_the_detail(
     folder: Path, schema: CohortSchema, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _set_cell(folder / "static.csv", 5, "age", SECRET_VALUE)
+    set_cell(folder / "static.csv", 5, "age", SECRET_VALUE)
     err = _error(folder, schema)
     logger = logging.getLogger("tests.refusals")
     with caplog.at_level(logging.WARNING, logger="tests.refusals"):
