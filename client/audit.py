@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from client.data import Cohort
-from client.tasks import rebuild_encoder_from
+from client.tasks import plan_target_epsilon, rebuild_encoder_from
 from configs.schema import CohortSchema
 from configs.wire import AuditRequest
 from models.base import STATIC_GENERATOR_KINDS
@@ -19,12 +19,6 @@ from models.registry import get_model_class
 from privacy.dp_audit import AUDIT_ATTACKS, AUDIT_CHARGE, EDGES_SUFFIX, audit_histograms
 from privacy.facade import release_noisy_histograms
 from privacy.ledger import PrivacyLedger, rounds_noise
-
-
-def audit_target_epsilon(ledger: PrivacyLedger, request: AuditRequest) -> float:
-    """The cumulative epsilon the audit may bring the ledger to: its share of what is left now."""
-    spent = ledger.spent()
-    return spent + request.budget_share * (ledger.max_epsilon - spent)
 
 
 def _audited_model(
@@ -71,7 +65,7 @@ def audit_release(
         reference,
     )
     # One Gaussian release for every attack's histograms: the audit's share of what is left.
-    target = audit_target_epsilon(ledger, request)
+    target = plan_target_epsilon(ledger, request)
     rho = ledger.calibrate_gaussian_rounds(target_epsilon=target, weights=[1.0])
     z = rounds_noise(rho, 1.0)
     noisy = release_noisy_histograms(

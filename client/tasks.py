@@ -13,7 +13,7 @@ from client.data import Cohort
 from client.node import fresh_noise_seed
 from configs.schema import CohortSchema
 from configs.settings import RunSettings
-from configs.wire import MeasureRequest, TrainRequest
+from configs.wire import AuditRequest, MeasureRequest, TrainRequest
 from models.base import FitReport, LocalData, LocalRound, ModelKind
 from models.encoder import EncoderError, TabularEncoder
 from models.pgm.domain import to_cells
@@ -83,7 +83,9 @@ def rebuild_encoder_from(encoder_json: str, announced_hash: str, schema: CohortS
     return encoder
 
 
-def plan_target_epsilon(ledger: PrivacyLedger, request: TrainRequest | MeasureRequest) -> float:
+def plan_target_epsilon(
+    ledger: PrivacyLedger, request: TrainRequest | MeasureRequest | AuditRequest
+) -> float:
     """Cumulative epsilon this model may bring the ledger to: its share of what is left now.
 
     Never above the hospital's own max epsilon; fixed at the model's first round and kept

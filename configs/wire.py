@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, MetricRecord
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # ---------------------------------------------------------------- message types
@@ -68,6 +69,14 @@ def egress_entry(message_type: str) -> dict[str, dict[str, str]] | None:
 
 class WireError(ValueError):
     """A message does not follow the protocol (missing or mistyped entry), named by its key."""
+
+
+def finite_metric(metrics: MetricRecord, key: str) -> float:
+    """A reply's metric as a float; WireError unless it is there and a finite number (not a bool)."""
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise WireError(f"'{key}' is {value!r}, not a finite number")
+    return float(value)
 
 
 class _Request(BaseModel):

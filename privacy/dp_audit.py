@@ -13,6 +13,7 @@ Everything the server computes from them is post-processing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -207,18 +208,22 @@ def attack_figures(
     )
 
 
-def dcr_protection(distance: AttackFigures, parts: list[tuple[FloatArray, float]]) -> dict[str, float]:
+def dcr_protection(distance: AttackFigures, parts: list[tuple[FloatArray, float]]) -> dict[str, Any]:
     """DCR overfitting protection seen from the patients' side: p = P(a member is closer to the
     synthetic sample than a held-out patient), ties half (the distance attack's AUC); score =
-    min(1, 2 (1 - p)) as SDMetrics' DCROverfittingProtection maps its share. Also each group's share
-    in the closest bin (near-copies), pooled over `parts` like the AUC."""
-    members = sum(np.clip(c[0], 0.0, None) / max(np.clip(c[0], 0.0, None).sum(), 1e-12) for c, _ in parts)
-    holdout = sum(np.clip(c[1], 0.0, None) / max(np.clip(c[1], 0.0, None).sum(), 1e-12) for c, _ in parts)
+    min(1, 2 (1 - p)) as SDMetrics' DCROverfittingProtection maps its share. Also each group's
+    noisy share per distance bin (nearest last; averaged over `parts`) and in the closest bin."""
+    shares = sum(
+        np.clip(c, 0.0, None) / np.maximum(np.clip(c, 0.0, None).sum(axis=1, keepdims=True), 1e-12)
+        for c, _ in parts
+    ) / len(parts)
     return {
         "score": min(1.0, 2.0 * (1.0 - distance.auc)),
         "closer_to_training": distance.auc,
-        "closest_bin_members": float(members[-1] / len(parts)),
-        "closest_bin_nonmembers": float(holdout[-1] / len(parts)),
+        "closest_bin_members": float(shares[0][-1]),
+        "closest_bin_nonmembers": float(shares[1][-1]),
         "n_members": distance.n_members,
         "n_nonmembers": distance.n_nonmembers,
+        "members_share": shares[0].tolist(),
+        "nonmembers_share": shares[1].tolist(),
     }

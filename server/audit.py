@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from configs import wire
 from configs.schema import CohortSchema
 from configs.settings import AuditSettings, RunSettings
-from configs.wire import AuditRequest
+from configs.wire import AuditRequest, finite_metric
 from models.pairs import association_differences
 from models.statistics import Histograms
 from privacy.dp_audit import AUDIT_ATTACKS, EDGES_SUFFIX, attack_figures, dcr_protection
@@ -79,9 +79,9 @@ def _reply_counts(reply: Message) -> tuple[dict[str, np.ndarray], dict[str, np.n
         edges[name] = np.asarray(record[name + EDGES_SUFFIX].numpy(), dtype=np.float64)
         if edges[name].shape != (array.shape[1] - 1,) or np.any(np.diff(edges[name]) <= 0):
             raise ValueError(f"attack '{name}' edges do not fit its {array.shape[1]} bins")
-    noise_sd = float(reply.content.metric_records[wire.METRICS]["noise-sd"])
-    if not (np.isfinite(noise_sd) and noise_sd >= 0):
-        raise ValueError(f"noise-sd {noise_sd!r} is not a finite non-negative number")
+    noise_sd = finite_metric(reply.content.metric_records[wire.METRICS], "noise-sd")
+    if noise_sd < 0:
+        raise ValueError(f"noise-sd {noise_sd!r} is negative")
     return counts, edges, noise_sd
 
 
@@ -140,18 +140,8 @@ def audit_rows(
             figures = attack_figures(parts, n_bootstrap=n_bootstrap, seed=seed)
             attack_rows.append({"hospital": where, "name": name, **asdict(figures)})
             if name == "distance":
-                dcr_rows.append({"hospital": where, **dcr_protection(figures, parts), **_plot_shares(parts)})
+                dcr_rows.append({"hospital": where, **dcr_protection(figures, parts)})
     return dcr_rows, attack_rows
-
-
-def _plot_shares(parts: list[tuple[np.ndarray, float]]) -> dict[str, list[float]]:
-    """Members' and held-out patients' noisy shares per distance bin, nearest bin last (for a plot)."""
-    shares = [
-        np.clip(c, 0.0, None) / np.maximum(np.clip(c, 0.0, None).sum(axis=1, keepdims=True), 1e-12)
-        for c, _ in parts
-    ]
-    mean = sum(shares) / len(shares)
-    return {"members_share": mean[0].tolist(), "nonmembers_share": mean[1].tolist()}
 
 
 def gates_from(settings: AuditSettings) -> GateThresholds:

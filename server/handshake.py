@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from configs import wire
 from configs.schema import CohortSchema
 from configs.settings import RunSettings
-from configs.wire import HandshakeRequest
+from configs.wire import HandshakeRequest, WireError, finite_metric
 from models.releases.base import ReleaseError
 from models.releases.catalog import get_release, releases_for
 from models.releases.counts import HISTOGRAMS, PAIRS
@@ -130,19 +129,15 @@ def dp_weight(histograms: Histograms, max_hospital_weight: float) -> float:
     return float(np.clip(np.mean(totals) if totals else 1.0, 1.0, max_hospital_weight))
 
 
-def _finite_metric(metrics: MetricRecord, key: str) -> float:
-    value = metrics.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ReleaseError(f"the reply's metrics are malformed: '{key}' is {value!r}, not a finite number")
-    return float(value)
-
-
 def _accountant(content: RecordDict) -> tuple[float, float, float]:
     """(epsilon, delta, max epsilon) the hospital declares, each finite and in its range."""
     if wire.METRICS not in content.metric_records:
         raise ReleaseError(f"the reply has no '{wire.METRICS}' record")
     metrics = content.metric_records[wire.METRICS]
-    epsilon, delta, max_epsilon = (_finite_metric(metrics, k) for k in ("epsilon", "delta", "max-epsilon"))
+    try:
+        epsilon, delta, max_epsilon = (finite_metric(metrics, k) for k in ("epsilon", "delta", "max-epsilon"))
+    except WireError as err:
+        raise ReleaseError(f"the reply's metrics are malformed: {err}") from None
     ranges = [
         (
             0 < max_epsilon <= MAX_EPSILON_CEILING,

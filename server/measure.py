@@ -11,7 +11,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from configs import wire
-from configs.wire import MeasureRequest
+from configs.wire import MeasureRequest, finite_metric
 from models.pgm.marginals import clique_key, clique_of, marginals_problem
 from server.handshake import HandshakeResult
 from server.plan import Stage
@@ -43,10 +43,7 @@ def _reply_tables(
     huge = [key for key, table in tables.items() if np.abs(table).max(initial=0.0) > cell_bound]
     if huge:
         raise ValueError(f"marginal table '{huge[0]}' has a cell beyond {cell_bound:g}")
-    numbers = [metrics.get("noise-multiplier"), metrics.get("epsilon")]
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
-        raise ValueError(f"'noise-multiplier' and 'epsilon' must be finite numbers, got {numbers}")
-    z, epsilon = (float(v) for v in numbers)  # type: ignore[arg-type]
+    z, epsilon = (finite_metric(metrics, key) for key in ("noise-multiplier", "epsilon"))
     if z <= 0 or epsilon < 0:
         raise ValueError(f"'noise-multiplier' {z} must be positive and 'epsilon' {epsilon} not negative")
     return tables, z, epsilon
