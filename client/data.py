@@ -211,7 +211,9 @@ def _find_static(folder: Path) -> Path | None:
     return None
 
 
-def _load_static(folder: Path, schema: CohortSchema, issues: list) -> pd.DataFrame | None:
+def _load_static(
+    folder: Path, schema: CohortSchema, issues: list, *, label_optional: bool = False
+) -> pd.DataFrame | None:
     path = _find_static(folder)
     if path is None:
         issues.append(
@@ -219,12 +221,13 @@ def _load_static(folder: Path, schema: CohortSchema, issues: list) -> pd.DataFra
         )
         return None
     frame = _read_table(path, issues)
-    if frame is None or not _check_columns(
-        frame, path.name, [schema.id_column, *schema.column_names], issues
-    ):
+    columns = [schema.id_column, *schema.column_names]
+    if frame is not None and label_optional and schema.label_column not in frame.columns:
+        columns.remove(schema.label_column)  # patients to predict for: their label is not known yet
+    if frame is None or not _check_columns(frame, path.name, columns, issues):
         return None
     parsed = {schema.id_column: frame[schema.id_column].str.strip()}
-    for spec in schema.columns:
+    for spec in (s for s in schema.columns if s.name in columns):
         parsed[spec.name] = _parse_static_column(frame[spec.name], spec, path.name, issues)
     ids = parsed[schema.id_column]
     for i in np.flatnonzero((ids == "").to_numpy()):
@@ -313,14 +316,18 @@ def _load_timeseries(
     return result
 
 
-def load_cohort(folder: str | Path, schema: CohortSchema) -> Cohort:
-    """Read and validate a cohort folder; any problem raises CohortValidationError, listing all."""
+def load_cohort(folder: str | Path, schema: CohortSchema, *, label_optional: bool = False) -> Cohort:
+    """Read and validate a cohort folder; any problem raises CohortValidationError, listing all.
+
+    Args:
+        label_optional: accept a static.csv without the label column (patients to predict for).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         issue = ValidationIssue(str(folder), None, None, "folder not found", "folder not found")
         raise CohortValidationError(folder, [issue])
     issues: list[ValidationIssue] = []
-    static = _load_static(folder, schema, issues)
+    static = _load_static(folder, schema, issues, label_optional=label_optional)
     ids = static[schema.id_column] if static is not None else None
     timeseries = _load_timeseries(folder, schema, ids, issues)
     if issues:

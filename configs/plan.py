@@ -49,6 +49,8 @@ def _kind_problems(index: int, stage: StageSpec, model_class: type) -> list[str]
     from models.base import ModelKind
 
     where = f"stages.{index} ({stage.model})"
+    if not getattr(model_class, "federated", True):
+        return [f"{where}: this model has no federated DP-SGD form; list it in [risk] synthetic_models"]
     phases: tuple[str, ...] = getattr(model_class, "phases", ())
     if model_class.kind == ModelKind.STATISTICS_GENERATOR:
         if stage.total_rounds:

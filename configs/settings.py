@@ -100,6 +100,26 @@ class ExportSettings(_Section):
     round_sample_rows: int = Field(ge=10)
 
 
+class RiskSettings(_Section):
+    # Risk models the server trains on the released synthetic cohort (post-processing: no epsilon);
+    # the federated DP route is a [[stages]] entry of a risk model.
+    synthetic_models: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _known_risk_models(self) -> RiskSettings:
+        from models.base import ModelKind
+        from models.registry import UnknownModelError, get_model_class
+
+        for name in self.synthetic_models:
+            try:
+                kind = get_model_class(name).kind
+            except UnknownModelError as err:
+                raise ValueError(f"risk.synthetic_models: {err.args[0]}") from None
+            if kind != ModelKind.RISK_MODEL:
+                raise ValueError(f"risk.synthetic_models: '{name}' is not a risk model")
+        return self
+
+
 class RunSettings(_Section):
     """Every knob of a run, validated once at the boundary."""
 
@@ -112,6 +132,7 @@ class RunSettings(_Section):
     sadqc: SADQCSettings
     audit: AuditSettings
     export: ExportSettings
+    risk: RiskSettings = RiskSettings()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -114,6 +114,7 @@ def simulate(
     final = outcome.metrics["final"]
     console.print(f"[bold green]done[/]: results in {outcome.out_dir}")
     _print_demo_utility(outcome.metrics.get("demo_check", {}))
+    _print_risk_models(outcome.metrics.get("demo_check", {}).get("risk", []))
     console.print(
         f"  column-shape score vs DP reference histograms: {final['column_shape_vs_dp_reference']:.4f}"
     )
@@ -143,6 +144,15 @@ def _print_demo_utility(check: dict) -> None:
         console.print(
             f"  train on synthetic, test on real: AUROC {syn['auroc']:.4f} (real {real['auroc']:.4f}), "
             f"macro-F1 {syn['macro_f1']:.4f}, high-risk F1 {syn['high_risk_f1']:.4f}"
+        )
+
+
+def _print_risk_models(rows: list[dict]) -> None:
+    """Each exported risk model on fresh real demo patients, beside its ceiling (no DP)."""
+    for row in rows:
+        console.print(
+            f"  risk {row['model']} ({row['route']}): AUROC {row['auroc']:.3f}, macro-F1 "
+            f"{row['macro_f1']:.3f}, high-risk F1 {row['high_risk_f1']:.3f}, Brier {row['brier']:.3f}"
         )
 
 
@@ -288,6 +298,26 @@ def check(
         cohort = load_cohort(data, cohort_schema)
     days = 0 if cohort.timeseries is None else len(cohort.timeseries)
     console.print(f"[bold green]valid[/]: {data} has {cohort.n_patients} patients and {days} daily rows")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="An exported risk model's bundle (bundle/risk/<name>).")],
+    data: Annotated[
+        Path, typer.Option(help="Patients' folder (static.csv + timeseries.csv; label optional).")
+    ],
+    out: Annotated[Path, typer.Option(help="Output CSV: id, predicted class, p_<class> per class.")],
+) -> None:
+    """Risk predictions for a folder of patients from an exported risk model; writes nothing on bad input."""
+    _setup_logging(False)
+    from client.predict import predict_folder
+    from models.encoder import EncoderError
+
+    with _user_errors(EncoderError):
+        done = predict_folder(model, data, out)
+    console.print(
+        f"wrote predictions for {done.patients} patients from {done.model} ({done.route}) to {done.out}"
+    )
 
 
 @certs_app.command("init")

@@ -13,8 +13,11 @@ T = TypeVar("T", bound=type)
 # module imports no model (and no model module imports another through it).
 BUILTIN_MODELS: dict[str, str] = {
     "dp-ctgan": "models.ctgan_dp:DPCTGAN",
+    "gbm": "models.risk.gbm:GradientBoostingRisk",
+    "hybrid-lstm": "models.risk.neural:HybridLSTM",
     "pgm": "models.pgm.model:PrivatePGM",
     "timegan": "models.sequence.timegan:TimeGAN",
+    "transformer": "models.risk.neural:RiskTransformer",
 }
 # Modules to import before the first look-up, each registering models with `register`: set by
 # whoever runs the process (a test, a node's operator), never by a run config. Comma-separated.

@@ -60,6 +60,28 @@ def add_proximal_pull(optimizer: optim.Optimizer, anchors: Sequence[torch.Tensor
     inner.step = step_with_pull  # type: ignore[method-assign]
 
 
+def clip_in_full_precision(optimizer: optim.Optimizer) -> None:
+    """Per-record gradients cast to the parameters' dtype before Opacus clips them.
+
+    Under bf16 autocast the per-record gradients come out in bf16, and Opacus computes their
+    norms before casting: a norm with bf16's 8-bit mantissa may be low by about 0.4%, so a
+    clipped gradient could exceed the clipping norm and the noise would no longer cover one
+    record's sensitivity. Norms of fp32 copies are exact for those values.
+    """
+    clip_and_accumulate: Callable[[], object] = optimizer.clip_and_accumulate  # type: ignore[attr-defined]
+
+    def clip_fp32() -> object:
+        for param in optimizer.params:  # type: ignore[attr-defined]
+            samples = getattr(param, "grad_sample", None)
+            if isinstance(samples, torch.Tensor) and samples.dtype != param.dtype:
+                param.grad_sample = samples.to(param.dtype)
+            elif isinstance(samples, list):
+                param.grad_sample = [s.to(param.dtype) for s in samples]
+        return clip_and_accumulate()
+
+    optimizer.clip_and_accumulate = clip_fp32  # type: ignore[attr-defined]
+
+
 @contextlib.contextmanager
 def dp_training(
     *,
@@ -105,6 +127,7 @@ def dp_training(
         ledger=dp.ledger,
     )
     add_proximal_pull(private.optimizer, anchors, proximal_mu)
+    clip_in_full_precision(private.optimizer)
     session = TrainingSession(private.module, private.optimizer, private.data_loader)
     before = _accounted_steps(dp.ledger)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -27,6 +27,25 @@ SYNTHETIC_TIMESERIES = Path("synthetic") / "timeseries.csv"
 METRICS_FILE = "metrics.json"
 # Where a release whose audit failed is written instead (unless the operator passes release-on-fail)
 QUARANTINE_DIR = "quarantine"
+
+FEDERATED_ROUTE, SYNTHETIC_ROUTE = "federated-dp", "synthetic"
+# A synthetic-route model's bundle folder: bundle/risk/<model>-on-synthetic/
+SYNTHETIC_SUFFIX = "-on-synthetic"
+
+
+@dataclass
+class TrainedRisk:
+    """A trained risk model, the route it took, and what its card adds to the run's."""
+
+    model: Any
+    route: str
+    seconds: float = 0.0
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> str:
+        name = self.model.registry_name
+        return name + SYNTHETIC_SUFFIX if self.route == SYNTHETIC_ROUTE else name
 
 
 @dataclass
@@ -117,18 +136,22 @@ def _model_card(
 
 
 def _save_bundles(
-    out_dir: Path, model: Any, sequence_model: Any | None, risk_models: list[Any], card: dict[str, Any]
+    out_dir: Path,
+    model: Any,
+    sequence_model: Any | None,
+    risk_models: list[TrainedRisk],
+    card: dict[str, Any],
 ) -> dict[str, Any]:
     """The generator's bundle, the sequence model's and each risk model's nested in it; returns the
     generator's saved card."""
     card = save_bundle(out_dir / BUNDLE_DIR, model=model, card=card)
-    nested = [(SEQUENCE_BUNDLE, sequence_model)] if sequence_model is not None else []
-    nested += [(f"{RISK_BUNDLE}/{risk.registry_name}", risk) for risk in risk_models]
-    for folder, inner in nested:
+    nested = [(SEQUENCE_BUNDLE, sequence_model, {})] if sequence_model is not None else []
+    nested += [(f"{RISK_BUNDLE}/{risk.folder}", risk.model, risk.card) for risk in risk_models]
+    for folder, inner, extra in nested:
         save_bundle(
             out_dir / BUNDLE_DIR / folder,
             model=inner,
-            card={**card, "name": f"mindfed-{inner.registry_name}"},
+            card={**card, **extra, "name": f"mindfed-{inner.registry_name}"},
         )
     return card
 
@@ -139,7 +162,7 @@ def export_run(
     release_folder: str = "",
     model: Any,
     sequence_model: Any | None,
-    risk_models: list[Any] | None = None,
+    risk_models: list[TrainedRisk] | None = None,
     settings: RunSettings,
     synthetic: pd.DataFrame,
     timeseries: pd.DataFrame | None,
@@ -177,6 +200,10 @@ def export_run(
         "handshake_refusals": refusals,
         "rounds": _round_rows(rounds, stage_scores),
         "release": {"folder": release_folder, "quarantined": release_folder == QUARANTINE_DIR},
+        "risk_models": [
+            {"model": r.model.registry_name, "route": r.route, "bundle": r.folder, "seconds": r.seconds}
+            for r in risk_models or []
+        ],
         "bundle": {
             "path": str(Path(release_folder) / BUNDLE_DIR),
             "encoder_hash": card["encoder_hash"],

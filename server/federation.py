@@ -26,6 +26,7 @@ from server.handshake import (
 from server.measure import run_measurements
 from server.plan import Stage, plan_releases, plan_stages
 from server.resume import Checkpointer
+from server.risk import federated_risk, train_on_synthetic
 from server.rounds import StageStart, run_stage
 from server.synthesis import release_and_audit
 
@@ -175,12 +176,13 @@ def run_federation(
         out_dir,
         federation_id=federation_id,
     )
+    risk = federated_risk(planned.risk_models) + train_on_synthetic(settings, encoder, synthetic, timeseries)
     return export_run(
         out_dir,
         release_folder=_release_folder(bool(audit["audit"]["passed"]), settings),
         model=planned.table,
         sequence_model=planned.sequence,
-        risk_models=planned.risk_models,
+        risk_models=risk,
         settings=settings,
         synthetic=synthetic,
         timeseries=timeseries,

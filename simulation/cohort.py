@@ -36,11 +36,41 @@ def _dass(latent: np.ndarray, rng: np.random.Generator, scale: float, offset: fl
     return (2 * items_sum).astype(np.int64)
 
 
-def _risk_level(dep: np.ndarray, anx: np.ndarray, stress: np.ndarray) -> np.ndarray:
-    """Risk from DASS-21 severity bands: any severe band -> high, any moderate -> moderate."""
-    severe = (dep >= 21) | (anx >= 15) | (stress >= 26)
-    moderate = (dep >= 14) | (anx >= 10) | (stress >= 19)
-    return np.where(severe, "high", np.where(moderate, "moderate", "low"))
+# Severity bands of DASS-21 (moderate, severe) per subscale: the questionnaire's part of the label.
+DASS_BANDS = {"dass_depression": (14, 21), "dass_anxiety": (10, 15), "dass_stress": (19, 26)}
+# How much a strained week (short or irregular sleep, low HRV for one's age, high stress scores)
+# moves a patient's risk, in units of one severity band, and the clinician's judgement noise.
+WEEK_WEIGHT, JUDGEMENT_SD = 1.0, 0.15
+
+
+def _week_strain(channels: dict[str, np.ndarray], age: np.ndarray) -> np.ndarray:
+    """A patient's week in one number (about 0 for a typical week, 1 for a clearly strained one)."""
+    sleep = channels["sleep_hours"]
+    short_sleep = np.clip(6.8 - sleep.mean(axis=1), 0, None)
+    irregular_sleep = np.clip(sleep.std(axis=1) - 0.8, 0, None)
+    expected_log_hrv = np.log(58) - 0.011 * (age - 40)
+    low_hrv = np.clip(expected_log_hrv - np.log(channels["hrv_ms"]).mean(axis=1), 0, None) / 0.25
+    high_stress = np.clip(channels["stress_score"].mean(axis=1) - 50, 0, None) / 15
+    return 0.6 * short_sleep + 0.6 * irregular_sleep + 0.4 * low_hrv + 0.4 * high_stress
+
+
+def _risk_level(
+    static: pd.DataFrame, channels: dict[str, np.ndarray], rng: np.random.Generator
+) -> np.ndarray:
+    """Risk from DASS-21 severity bands, moved up by a strained week, with judgement noise: a
+    patient's highest band position (0 below moderate, 1 at moderate, 2 at severe, linear between)
+    plus the week's strain must reach 1 for moderate and 2 for high."""
+    position = np.zeros(len(static))
+    for column, (moderate, severe) in DASS_BANDS.items():
+        score = static[column].to_numpy(dtype=float)
+        subscale = np.where(score < moderate, score / moderate, 1 + (score - moderate) / (severe - moderate))
+        position = np.maximum(position, subscale)
+    level = (
+        position
+        + WEEK_WEIGHT * _week_strain(channels, static["age"].to_numpy())
+        + rng.normal(0, JUDGEMENT_SD, len(static))
+    )
+    return np.where(level >= 2, "high", np.where(level >= 1, "moderate", "low"))
 
 
 def _static_profiles(n: int, rng: np.random.Generator) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
@@ -87,7 +117,6 @@ def _static_profiles(n: int, rng: np.random.Generator) -> tuple[pd.DataFrame, di
             "dass_depression": dep,
             "dass_anxiety": anx,
             "dass_stress": stress,
-            "risk_level": _risk_level(dep, anx, stress),
         }
     )
     latents = {
@@ -152,6 +181,7 @@ def generate_demo_cohort(n_patients: int, *, seed: int, days: int = 7) -> DemoCo
     rng = np.random.default_rng(seed)
     static, latents = _static_profiles(n_patients, rng)
     channels = _daily_rhythms(latents, days, rng)
+    static["risk_level"] = _risk_level(static, channels, rng)
     timeseries = pd.DataFrame(
         {
             "patient_id": np.repeat(static["patient_id"].to_numpy(), days),

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.metrics import f1_score, roc_auc_score
 
 from configs.schema import CohortSchema
+from models.risk.scores import risk_scores
 
 # Fresh demo patients for train-on-synthetic / test-on-real (`mindfed cohort --patients 1000 --seed 99`).
 TEST_PATIENTS, TEST_SEED = 1000, 99
@@ -61,16 +61,7 @@ def _scores(
     truth = pd.Categorical(test[schema.label_column], categories=classes).codes
     probabilities = np.zeros((len(test), len(classes)))
     probabilities[:, model.classes_] = model.predict_proba(_features(test, schema))
-    predicted = probabilities.argmax(axis=1)
-    present = sorted(set(truth))
-    return {
-        "auroc": float(roc_auc_score(truth, probabilities[:, present], multi_class="ovr", labels=present))
-        if len(present) > 2
-        else float("nan"),
-        "macro_f1": float(f1_score(truth, predicted, average="macro", labels=range(len(classes)))),
-        # the last class is the one to flag (e.g. "high" risk)
-        "high_risk_f1": float(f1_score(truth == len(classes) - 1, predicted == len(classes) - 1)),
-    }
+    return risk_scores(probabilities, np.asarray(truth, dtype=np.int64), len(classes))
 
 
 def _fitted(train: pd.DataFrame, schema: CohortSchema, seed: int) -> HistGradientBoostingClassifier:

@@ -18,6 +18,7 @@ from models.statistics import column_shape_vs_real, mean_score
 from privacy.storage import atomic_write_text
 from simulation.cohort import DemoCohort, write_cohort_folder
 from simulation.partition import demo_partitions
+from simulation.risk_check import risk_check
 
 logger = logging.getLogger(__name__)
 
@@ -100,21 +101,27 @@ def _sequence_check(
     )
 
 
-def _utility_check(demo: DemoCohort, synthetic: pd.DataFrame, settings: RunSettings) -> dict[str, Any]:
+def _test_seed(settings: RunSettings) -> int:
+    """The fresh demo patients' seed: another than the cohort's (the same would redraw its rows)."""
+    from simulation.evaluation import TEST_SEED
+
+    return TEST_SEED if settings.federation.seed != TEST_SEED else TEST_SEED + 1
+
+
+def _utility_check(
+    demo: DemoCohort, test: DemoCohort, synthetic: pd.DataFrame, settings: RunSettings
+) -> dict[str, Any]:
     """SDMetrics quality (column shapes, pair trends) against the whole demo cohort, and a label
     classifier trained on the synthetic table, tested on fresh demo patients."""
-    from simulation.cohort import generate_demo_cohort
-    from simulation.evaluation import TEST_PATIENTS, TEST_SEED, quality_report, train_synthetic_test_real
+    from simulation.evaluation import quality_report, train_synthetic_test_real
 
     schema = settings.load_schema()
-    # fresh patients: another seed than the cohort's (the same seed would redraw its first rows)
-    seed = TEST_SEED if settings.federation.seed != TEST_SEED else TEST_SEED + 1
-    test = generate_demo_cohort(TEST_PATIENTS, seed=seed).static
+    fed_seed = settings.federation.seed
     return {
         "quality": quality_report(demo.static, synthetic, schema),
         "train_synthetic_test_real": {
-            **train_synthetic_test_real(synthetic, demo.static, test, schema, seed=settings.federation.seed),
-            "test_seed": seed,
+            **train_synthetic_test_real(synthetic, demo.static, test.static, schema, seed=fed_seed),
+            "test_seed": _test_seed(settings),
         },
     }
 
@@ -177,10 +184,15 @@ def simulate(
         synthetic = pd.read_csv(release_dir / "synthetic" / "static.csv")
         per_column = column_shape_vs_real(synthetic, demo.static, settings.load_schema())
         score = mean_score(per_column)
+        from simulation.cohort import generate_demo_cohort
+        from simulation.evaluation import TEST_PATIENTS
+
+        test = generate_demo_cohort(TEST_PATIENTS, seed=_test_seed(settings))
         metrics["demo_check"] = {
             "column_shape_vs_real": score,
             "per_column": per_column,
-            **_utility_check(demo, synthetic, settings),
+            **_utility_check(demo, test, synthetic, settings),
+            "risk": risk_check(demo, test, release_dir, metrics, settings.federation.seed),
         }
         weeks_path = release_dir / "synthetic" / "timeseries.csv"
         if weeks_path.is_file():

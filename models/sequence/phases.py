@@ -49,6 +49,7 @@ class PhaseTraining:
     discriminator: nn.Module
     _noise: Callable[[int, torch.Generator, torch.device], torch.Tensor]
     stand_in_conditions: Callable[[int, np.random.Generator, np.ndarray | None], np.ndarray]
+    condition: Callable[[np.ndarray], np.ndarray]
 
     def _loader(self, data: np.ndarray, cond: np.ndarray, batch_size: int, seed: int) -> DataLoader:
         """Weeks and their static conditions in one dataset, so Poisson sampling draws them together."""
@@ -57,7 +58,7 @@ class PhaseTraining:
         if cond.shape != (len(data), self.cond_dim):
             raise ValueError(f"cond shape {cond.shape} != ({len(data)}, {self.cond_dim})")
         x = torch.from_numpy(np.clip(data, 0.0, 1.0).astype(np.float32))
-        c = torch.from_numpy(cond.astype(np.float32))
+        c = torch.from_numpy(self.condition(cond).astype(np.float32))
         return DataLoader(
             TensorDataset(x, c),
             batch_size=batch_size,

@@ -11,6 +11,7 @@ import pytest
 
 from configs.errors import ConfigError
 from configs.settings import load_settings, parse_overrides
+from models.registry import BUILTIN_MODELS
 from server.plan import audit_budget_share, budget_shares, plan_releases
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,11 +23,14 @@ def test_the_default_plan_is_todays_run() -> None:
     s = load_settings()
     assert [(st.model, st.rounds, st.phases, st.epsilon_share, st.strategy.name) for st in s.stages] == [
         ("pgm", 0, {}, 0.4, "fedavg"),
-        ("timegan", 0, {"embedding": 6, "supervised": 2, "joint": 8}, 0.35, "fedavg"),
+        ("timegan", 0, {"embedding": 6, "supervised": 2, "joint": 8}, 0.25, "fedavg"),
+        ("hybrid-lstm", 4, {}, 0.05, "fedavg"),
+        ("transformer", 4, {}, 0.05, "fedavg"),
     ]
     # At its first round a hospital spends this share of what it has left: the static generator
-    # half of what the handshake left, TimeGAN all the rest but the audit's, the audit that.
-    assert budget_shares(s) == pytest.approx([0.5, 0.875])
+    # half of what the handshake left (0.4 of 0.8), TimeGAN 0.25 of 0.4, each risk model its 0.05
+    # of what is left then, the audit all that remains.
+    assert budget_shares(s) == pytest.approx([0.5, 0.625, 1 / 3, 0.5])
     assert audit_budget_share(s) == pytest.approx(1.0)
     assert plan_releases(s) == ["sequence-moments"]
 
@@ -121,11 +125,17 @@ def test_the_audit_control_cannot_be_chosen_by_a_run_config(overrides: dict) -> 
     result = _settings_in_fresh_process(overrides)
     assert result.returncode == 3, result.stderr[-2000:]
     assert "leaky-replay" in result.stdout
-    assert "allowed" in result.stdout and "'dp-ctgan', 'pgm', 'timegan'" in result.stdout
+    assert "allowed" in result.stdout and all(f"'{name}'" in result.stdout for name in BUILTIN_MODELS)
 
 
 def test_a_stage_is_left_out_with_false() -> None:
-    s = load_settings(None, parse_overrides("stages.timegan=false stages.pgm.epsilon_share=0.7"))
+    s = load_settings(
+        None,
+        parse_overrides(
+            "stages.timegan=false stages.hybrid-lstm=false stages.transformer=false "
+            "stages.pgm.epsilon_share=0.7"
+        ),
+    )
     assert [(st.model, st.epsilon_share) for st in s.stages] == [("pgm", 0.7)]
     assert budget_shares(s) == pytest.approx([0.875])
     # what the plan leaves unspent stays unspent: the audit asks its own share only

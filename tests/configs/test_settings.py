@@ -59,7 +59,8 @@ def test_defaults_match_demo_toml() -> None:
     assert s.privacy.delta == 1e-5
     assert s.privacy.clipping_norm == 1.0
     assert s.privacy.statistics_epsilon_share == 0.2
-    assert [stage.model for stage in s.stages] == ["pgm", "timegan"]
+    assert [stage.model for stage in s.stages] == ["pgm", "timegan", "hybrid-lstm", "transformer"]
+    assert s.risk.synthetic_models == ["hybrid-lstm", "transformer", "gbm"]
     params = s.model.params_for("dp-ctgan")
     assert params["embedding_dim"] == 64
     assert params["generator_dims"] == [128, 128]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.runs import NO_RISK_OVERRIDES
+
 pytestmark = pytest.mark.deployment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +29,7 @@ OVERRIDES = " ".join(
         "audit.release_on_fail=true",
         "model.timegan.hidden_dim=8",
         "stages.timegan.phases={embedding=1,supervised=1,joint=1}",
+        NO_RISK_OVERRIDES,
     ]
 )
 

@@ -28,6 +28,7 @@ from configs.settings import load_settings
 from privacy.certs import CertPaths, NodeKeyPaths, create_node_keys, init_ca_and_superlink
 from privacy.ledger import PrivacyLedger
 from simulation.runner import prepare_demo_cohort
+from tests.support.runs import NO_RISK_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[2]
 HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
@@ -49,6 +50,7 @@ TINY_RUN = (
     "stages.timegan=false",
     "stages.0.epsilon_share=0.75",
     "audit.release_on_fail=true",  # tiny cohorts: the audit's verdict is chance; the release is checked
+    NO_RISK_OVERRIDES,  # risk models have their own tests; these runs check deployment
 )
 # The runs of this module share the nodes and so their ledgers (one per hospital, across runs,
 # as on a real node): each run may only lower the node's max epsilon, so each later run is

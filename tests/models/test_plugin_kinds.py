@@ -265,6 +265,7 @@ TINY_RUN = {
     "audit.bootstrap": 20,
     # tiny cohorts: the audit's verdict is chance; the release is what these tests check
     "audit.release_on_fail": True,
+    "risk.synthetic_models": [],
 }
 # Each tiny model enters the plan as one [[stages]] entry; dp-ctgan is kept small where it stays.
 PLANS = {

@@ -19,6 +19,7 @@ from models.pgm.marginals import Measurement, clique_of
 from models.pgm.model import PrivatePGM
 from simulation.runner import simulate
 from tests.support.egress import egress_violations
+from tests.support.runs import NO_RISK
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +35,7 @@ TINY = {
     "stages.timegan": False,
     "stages.pgm.epsilon_share": 0.75,
     "model.pgm.iterations": 200,
+    **NO_RISK,
 }
 
 

@@ -65,7 +65,8 @@ def test_run_exports_bundle_synthetic_table_and_metrics(tiny_run) -> None:
 def test_every_hospital_epsilon_is_the_accountants_and_within_budget(tiny_run) -> None:
     max_epsilon = load_settings().privacy.max_epsilon
     for hospital in tiny_run.metrics["hospitals"]:
-        assert hospital["rounds_trained"] == TINY["stages.0.rounds"] + 3  # + one round per TimeGAN phase
+        # + one round per TimeGAN phase and the risk model's round
+        assert hospital["rounds_trained"] == TINY["stages.0.rounds"] + 3 + TINY["stages.hybrid-lstm.rounds"]
         # the noise was calibrated to spend the budget: close to, never above, the max
         assert max_epsilon * 0.95 <= hospital["epsilon"] <= max_epsilon + 1e-9
 
@@ -184,10 +185,11 @@ def test_stages_aggregate_with_fedprox_and_fedadam(
     }
     outcome = simulate(config=None, overrides=overrides, out_dir=tmp_path)
     assert all(r["aggregated"] and not r["rejected"] for r in outcome.metrics["rounds"])
-    assert len(outcome.metrics["rounds"]) == TINY["stages.0.rounds"] + 3
+    assert len(outcome.metrics["rounds"]) == TINY["stages.0.rounds"] + 3 + TINY["stages.hybrid-lstm.rounds"]
     train = [m for m in sent if m.metadata.message_type.startswith("train.")]
     mu = {m.metadata.message_type: m.content.config_records["config"].get("proximal-mu") for m in train}
-    assert mu == {"train.generator": 0.5, "train.sequence": 0.0}  # FedProx's mu reaches the nodes
+    # FedProx's mu reaches the nodes
+    assert mu == {"train.generator": 0.5, "train.sequence": 0.0, "train.risk": 0.0}
     # FedAdam's server-side step moves TimeGAN elsewhere than FedAvg's average (the same run's).
     ours = (tmp_path / "synthetic" / "timeseries.csv").read_bytes()
     assert ours != (tiny_run.out_dir / "synthetic" / "timeseries.csv").read_bytes()

@@ -30,9 +30,21 @@ TINY: dict[str, Any] = {
     "model.timegan.hidden_dim": 8,
     "model.timegan.num_layers": 1,
     "stages.timegan.phases": {"embedding": 1, "supervised": 1, "joint": 1},
+    # one federated DP risk round and two small synthetic-route risk models
+    "stages.transformer": False,
+    "stages.hybrid-lstm.rounds": 1,
+    "stages.hybrid-lstm.epsilon_share": 0.1,  # with the transformer's share: the plan spends it all
+    "model.hybrid-lstm.hidden_dim": 8,
+    "model.hybrid-lstm.lstm_hidden_dim": 4,
+    "model.hybrid-lstm.synthetic_epochs": 2,
+    "model.gbm.max_iter": 20,
+    "risk.synthetic_models": ["hybrid-lstm", "gbm"],
 }
-# The static generator alone, with the budget TimeGAN would have had.
-NO_SEQUENCE = {"stages.timegan": False, "stages.0.epsilon_share": 0.75}
+# The static generator alone (and the tiny run's risk round), with the budget TimeGAN would have had.
+NO_SEQUENCE = {"stages.timegan": False, "stages.0.epsilon_share": 0.65}
+# No risk model at all: for runs that test something else and should stay quick.
+NO_RISK = {"stages.hybrid-lstm": False, "stages.transformer": False, "risk.synthetic_models": []}
+NO_RISK_OVERRIDES = "stages.hybrid-lstm=false stages.transformer=false risk.synthetic_models=[]"
 
 
 def recorded_simulation(overrides: dict[str, Any], out_dir: Path) -> tuple[SimulationOutcome, list[Message]]:

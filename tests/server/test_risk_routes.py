@@ -1,0 +1,57 @@
+"""Both risk routes in the session's tiny federation: what is bundled, what each route cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from models.bundle import load_bundle
+from tests.support.egress import egress_violations
+from tests.support.runs import TINY
+
+pytestmark = pytest.mark.integration
+
+
+def test_each_route_is_bundled_with_its_route(tiny_recorded_run) -> None:
+    outcome, _ = tiny_recorded_run
+    risk = outcome.out_dir / "bundle" / "risk"
+    expected = {
+        "hybrid-lstm": "federated-dp",
+        "hybrid-lstm-on-synthetic": "synthetic",
+        "gbm-on-synthetic": "synthetic",
+    }
+    assert {p.name for p in risk.iterdir()} == set(expected)
+    for folder, route in expected.items():
+        model, card = load_bundle(risk / folder)
+        assert card["route"] == route and model.registry_name == folder.removesuffix("-on-synthetic")
+    synthetic_card = json.loads((risk / "gbm-on-synthetic" / "model_card.json").read_text())
+    assert synthetic_card["training_epsilon"] == 0.0
+
+
+def test_dp_sgd_of_the_federated_route_is_in_every_ledger_and_the_synthetic_route_is_not(
+    tiny_recorded_run,
+) -> None:
+    outcome, _ = tiny_recorded_run
+    card = json.loads((outcome.out_dir / "bundle" / "model_card.json").read_text())
+    for ledger in card["privacy"]["ledger"]:
+        what = [entry["what"] for entry in ledger["entries"]]
+        assert sum("hybrid-lstm" in w for w in what) == TINY["stages.hybrid-lstm.rounds"]
+        assert not any("gbm" in w or "synthetic" in w for w in what)
+
+
+def test_the_risk_round_replies_carry_only_weights_and_epsilon(tiny_recorded_run) -> None:
+    _, replies = tiny_recorded_run
+    risk = [r for r in replies if r.metadata.message_type == "train.risk"]
+    assert len(risk) == TINY["federation.hospitals"] * TINY["stages.hybrid-lstm.rounds"]
+    assert egress_violations(risk) == []
+
+
+def test_demo_check_scores_every_route_beside_its_ceiling(tiny_recorded_run) -> None:
+    outcome, _ = tiny_recorded_run
+    rows = outcome.metrics["demo_check"]["risk"]
+    routes = {(r["model"], r["route"]) for r in rows}
+    assert {("hybrid-lstm", "federated-dp"), ("hybrid-lstm", "synthetic"), ("gbm", "synthetic")} <= routes
+    assert ("hybrid-lstm", "ceiling (real cohort, no DP) (profile only)") in routes
+    for row in rows:
+        assert 0.0 <= row["auroc"] <= 1.0 and 0.0 <= row["brier"] <= 2.0
