@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from models.bundle import RISK_BUNDLE, load_bundle
@@ -15,6 +16,8 @@ from models.risk.scores import risk_scores
 from simulation.cohort import DemoCohort
 
 CEILING_ROUTE = "ceiling (real cohort, no DP)"
+ALONE_ROUTE = "one hospital alone, no DP"
+CPU = torch.device("cpu")
 PROFILE_ONLY = " (profile only)"
 
 
@@ -30,22 +33,35 @@ def _row(model: Any, route: str, test: DemoCohort, seconds: float | None) -> dic
     }
 
 
-def _ceiling(model: Any, params: dict[str, Any], demo: DemoCohort, test: DemoCohort, seed: int) -> dict:
-    """The same model trained on the whole real cohort without DP: what federating aims at."""
+def _trained_without_dp(
+    model: Any, params: dict[str, Any], train: DemoCohort, route: str, test: DemoCohort, seed: int
+) -> dict[str, Any]:
+    """The same kind of model trained on `train` without DP, scored on the test patients."""
     started = time.perf_counter()
-    ceiling = get_model_class(model.registry_name)(model.encoder, params, seed=seed)
-    ceiling.fit_offline(
-        encode_patients(model.encoder, demo.static, demo.timeseries), seed=seed, device=torch.device("cpu")
-    )
-    suffix = "" if params.get("use_week", True) else PROFILE_ONLY
-    return _row(ceiling, CEILING_ROUTE + suffix, test, time.perf_counter() - started)
+    fresh = get_model_class(model.registry_name)(model.encoder, params, seed=seed)
+    fresh.fit_offline(encode_patients(model.encoder, train.static, train.timeseries), seed=seed, device=CPU)
+    return {**_row(fresh, route, test, time.perf_counter() - started), "epsilon": None}
+
+
+def _hospital_parts(cohort_dir: Path) -> dict[str, DemoCohort]:
+    """Each simulated hospital's own folder, as it would train alone."""
+    return {
+        folder.name: DemoCohort(pd.read_csv(folder / "static.csv"), pd.read_csv(folder / "timeseries.csv"))
+        for folder in sorted(p for p in cohort_dir.iterdir() if (p / "static.csv").is_file())
+    }
 
 
 def risk_check(
-    demo: DemoCohort, test: DemoCohort, release_dir: Path, metrics: dict[str, Any], seed: int
+    demo: DemoCohort,
+    test: DemoCohort,
+    release_dir: Path,
+    metrics: dict[str, Any],
+    seed: int,
+    cohort_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Each exported risk model scored on fresh demo patients, with the run's epsilon, and for each
-    kind of model the ceiling, with and without the week (the week branch's worth)."""
+    kind of model the ceiling (the whole real cohort, no DP) with and without the week (the week
+    branch's worth), and what each hospital could train alone on its own folder (federating's worth)."""
     folder = release_dir / "bundle" / RISK_BUNDLE
     epsilon = max((h["epsilon"] for h in metrics.get("hospitals", [])), default=float("nan"))
     seconds = {r["bundle"]: r["seconds"] for r in metrics.get("risk_models", [])}
@@ -57,11 +73,16 @@ def risk_check(
         )
         if hasattr(model, "fit_offline"):  # a model that can train without DP has a ceiling
             ceilings.setdefault(model.registry_name, (model, card["model_params"]))
+    parts = _hospital_parts(cohort_dir) if cohort_dir is not None and cohort_dir.is_dir() else {}
     for model, params in ceilings.values():  # no DP: epsilon None
-        rows.append({**_ceiling(model, params, demo, test, seed), "epsilon": None})
+        rows.append(_trained_without_dp(model, params, demo, CEILING_ROUTE, test, seed))
         if params.get("use_week") and demo.timeseries is not None:
             profile_only = {**params, "use_week": False}
-            rows.append({**_ceiling(model, profile_only, demo, test, seed), "epsilon": None})
+            rows.append(
+                _trained_without_dp(model, profile_only, demo, CEILING_ROUTE + PROFILE_ONLY, test, seed)
+            )
+        for hospital, part in parts.items():
+            rows.append(_trained_without_dp(model, params, part, f"{ALONE_ROUTE} ({hospital})", test, seed))
     return rows
 
 

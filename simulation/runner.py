@@ -192,7 +192,9 @@ def simulate(
             "column_shape_vs_real": score,
             "per_column": per_column,
             **_utility_check(demo, test, synthetic, settings),
-            "risk": risk_check(demo, test, release_dir, metrics, settings.federation.seed),
+            "risk": risk_check(
+                demo, test, release_dir, metrics, settings.federation.seed, cohort_dir=cohort_dir
+            ),
         }
         weeks_path = release_dir / "synthetic" / "timeseries.csv"
         if weeks_path.is_file():

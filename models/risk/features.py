@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel
 
 from models.base import LocalData
 from models.encoder import EncoderError, TabularEncoder
@@ -11,6 +14,22 @@ from models.sequence.encoder import SequenceEncoder
 
 # Class weights are capped so a class the DP counts put near zero cannot dominate the loss.
 MAX_CLASS_WEIGHT = 5.0
+
+
+class RiskInputs:
+    """What every risk model reads off the encoder and its config: the label's block and classes,
+    and whether (and how many channels of) the week it uses."""
+
+    Config: ClassVar[type[BaseModel]]
+
+    def _read_inputs(self, encoder: TabularEncoder, config: BaseModel | dict | None) -> None:
+        self.encoder = encoder
+        self.config: Any = config if isinstance(config, self.Config) else self.Config(**(config or {}))
+        self.label = label_slice(encoder)
+        sequence = encoder.schema.sequence
+        self.uses_week: bool = self.config.use_week and sequence is not None
+        self.n_channels = len(sequence.channels) if sequence is not None else 0
+        self.classes = list(encoder.schema.column(encoder.schema.label_column).categories or ())
 
 
 def label_slice(encoder: TabularEncoder) -> slice:

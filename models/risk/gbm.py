@@ -16,9 +16,9 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from models.base import FitReport, LocalData, LocalRound, ModelKind
 from models.encoder import EncoderError, TabularEncoder
 from models.risk.features import (
+    RiskInputs,
     balanced_weights,
     checked_weeks,
-    label_slice,
     prior_corrected,
     profile_features,
     targets,
@@ -28,7 +28,7 @@ from models.risk.features import (
 TREE_FIELDS = ("feature", "threshold", "left", "right", "is_leaf", "value")
 
 
-class GradientBoostingRisk:
+class GradientBoostingRisk(RiskInputs):
     """Gradient-boosted trees of the label, trained on synthetic rows (it has no DP-SGD form)."""
 
     kind: ClassVar[ModelKind] = ModelKind.RISK_MODEL
@@ -46,13 +46,7 @@ class GradientBoostingRisk:
         max_leaf_nodes: int = Field(default=31, ge=2, le=255)
 
     def __init__(self, encoder: TabularEncoder, config: Config | dict | None, *, seed: int = 0):
-        self.encoder = encoder
-        self.config = config if isinstance(config, self.Config) else self.Config(**(config or {}))
-        self.label = label_slice(encoder)
-        sequence = encoder.schema.sequence
-        self.uses_week = self.config.use_week and sequence is not None
-        self.n_channels = len(sequence.channels) if sequence is not None else 0
-        self.classes = list(encoder.schema.column(encoder.schema.label_column).categories or ())
+        self._read_inputs(encoder, config)
         self.seed = seed
         self.trees: dict[str, np.ndarray] = {}
 

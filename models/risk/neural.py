@@ -19,9 +19,9 @@ from models.base import FitReport, LocalData, LocalRound, ModelKind
 from models.encoder import TabularEncoder
 from models.risk.features import (
     SUMMARIES_PER_CHANNEL,
+    RiskInputs,
     balanced_weights,
     checked_weeks,
-    label_slice,
     prior_corrected,
     profile_features,
     targets,
@@ -50,7 +50,7 @@ class RiskConfig(BaseModel):
     synthetic_batch_size: int = Field(default=256, ge=8)
 
 
-class NeuralRiskModel:
+class NeuralRiskModel(RiskInputs):
     """A risk network over the encoded profile (label block removed) and, when used, the week."""
 
     kind: ClassVar[ModelKind] = ModelKind.RISK_MODEL
@@ -60,13 +60,7 @@ class NeuralRiskModel:
     Config: ClassVar[type[RiskConfig]] = RiskConfig
 
     def __init__(self, encoder: TabularEncoder, config: RiskConfig | dict | None, *, seed: int = 0):
-        self.encoder = encoder
-        self.config = config if isinstance(config, self.Config) else self.Config(**(config or {}))
-        self.label = label_slice(encoder)
-        sequence = encoder.schema.sequence
-        self.uses_week = self.config.use_week and sequence is not None
-        self.n_channels = len(sequence.channels) if sequence is not None else 0
-        self.classes = list(encoder.schema.column(encoder.schema.label_column).categories or ())
+        self._read_inputs(encoder, config)
         # the loss's class weights, kept to map predictions back to the prevalence (prior_corrected)
         self.class_weights = np.ones(len(self.classes), dtype=np.float32)
         torch.manual_seed(seed)

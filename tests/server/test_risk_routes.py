@@ -53,5 +53,7 @@ def test_demo_check_scores_every_route_beside_its_ceiling(tiny_recorded_run) -> 
     routes = {(r["model"], r["route"]) for r in rows}
     assert {("hybrid-lstm", "federated-dp"), ("hybrid-lstm", "synthetic"), ("gbm", "synthetic")} <= routes
     assert ("hybrid-lstm", "ceiling (real cohort, no DP) (profile only)") in routes
+    for hospital in range(1, TINY["federation.hospitals"] + 1):  # what each could do alone
+        assert ("gbm", f"one hospital alone, no DP (hospital-{hospital})") in routes
     for row in rows:
         assert 0.0 <= row["auroc"] <= 1.0 and 0.0 <= row["brier"] <= 2.0
