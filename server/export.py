@@ -146,7 +146,10 @@ def _save_bundles(
     generator's saved card."""
     card = save_bundle(out_dir / BUNDLE_DIR, model=model, card=card)
     nested = [(SEQUENCE_BUNDLE, sequence_model, {})] if sequence_model is not None else []
-    nested += [(f"{RISK_BUNDLE}/{risk.folder}", risk.model, risk.card) for risk in risk_models]
+    nested += [
+        (f"{RISK_BUNDLE}/{risk.folder}", risk.model, {**risk.card, "route": risk.route})
+        for risk in risk_models
+    ]
     for folder, inner, extra in nested:
         save_bundle(
             out_dir / BUNDLE_DIR / folder,

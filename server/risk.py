@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def federated_risk(models: list[Any]) -> list[TrainedRisk]:
     """The plan's risk stages, trained at the hospitals under DP-SGD (their ledgers paid)."""
-    return [TrainedRisk(m, FEDERATED_ROUTE, card={"route": FEDERATED_ROUTE}) for m in models]
+    return [TrainedRisk(m, FEDERATED_ROUTE) for m in models]
 
 
 def train_on_synthetic(
@@ -50,6 +50,6 @@ def train_on_synthetic(
         model.fit_offline(data, seed=settings.federation.seed, device=device)
         seconds = time.perf_counter() - started
         logger.info("risk model %s trained on %d synthetic patients in %.1f s", name, len(synthetic), seconds)
-        card = {"route": SYNTHETIC_ROUTE, "training_epsilon": 0.0, "trained_on_rows": len(synthetic)}
+        card = {"training_epsilon": 0.0, "trained_on_rows": len(synthetic)}
         trained.append(TrainedRisk(model, SYNTHETIC_ROUTE, seconds, card))
     return trained

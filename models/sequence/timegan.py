@@ -13,6 +13,7 @@ from scipy.special import ndtri
 from models.base import FitReport, LocalData, LocalRound, ModelKind
 from models.encoder import EncoderError, TabularEncoder
 from models.releases.sequence import SEQUENCE_MOMENTS
+from models.risk.features import label_slice
 from models.sequence.encoder import SequenceEncoder
 from models.sequence.moments import SequenceMoments
 from models.sequence.networks import RecurrentNet
@@ -174,9 +175,8 @@ class TimeGAN(PhaseTraining):
         """The condition vectors the networks see: the label's block zeroed unless `label_in_condition`."""
         if self.config.label_in_condition:
             return cond
-        label = next(b for b in self.encoder.blocks if b.name == self.encoder.schema.label_column)
         cond = np.array(cond, dtype=np.float32, copy=True)
-        cond[:, label.start : label.start + label.width] = 0.0
+        cond[:, label_slice(self.encoder)] = 0.0
         return cond
 
     def public_conditions(self, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Message
-from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from safetensors.torch import load_file
 
 from configs.schema import load_schema
@@ -19,7 +18,7 @@ from models.pgm.marginals import Measurement, clique_of
 from models.pgm.model import PrivatePGM
 from simulation.runner import simulate
 from tests.support.egress import egress_violations
-from tests.support.runs import NO_RISK
+from tests.support.runs import NO_RISK, recording_grid
 
 pytestmark = pytest.mark.integration
 
@@ -42,23 +41,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory):
     """A pgm run, every message the server sends and every reply it gets kept."""
-    sent: list[Message] = []
-    replies: list[Message] = []
-    push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages
-
-    def recording_push(self, messages):
-        messages = list(messages)
-        sent.extend(messages)
-        return push(self, messages)
-
-    def recording_pull(self, message_ids):
-        pulled = list(pull(self, message_ids))
-        replies.extend(pulled)
-        return pulled
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(InMemoryGrid, "push_messages", recording_push)
-        patch.setattr(InMemoryGrid, "pull_messages", recording_pull)
+    with recording_grid() as (sent, replies):
         outcome = simulate(config=None, overrides=TINY, out_dir=tmp_path_factory.mktemp("pgm"))
     return outcome, sent, replies
 

@@ -16,7 +16,7 @@ from models.bundle import load_linked_bundle, sample_linked
 from server.checkpoint import CheckpointError
 from server.resume import Checkpointer
 from simulation.runner import prepare_demo_cohort, simulate
-from tests.support.runs import NO_SEQUENCE, TINY
+from tests.support.runs import NO_SEQUENCE, TINY, recording_grid
 
 pytestmark = pytest.mark.integration
 
@@ -167,23 +167,13 @@ def test_resume_is_refused_without_a_checkpoint_or_with_other_settings(tiny_run,
 def test_stages_aggregate_with_fedprox_and_fedadam(
     tiny_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
-    sent: list = []
-    original = InMemoryGrid.push_messages
-
-    def recording_push(self, messages):
-        messages = list(messages)
-        sent.extend(messages)
-        return original(self, messages)
-
-    monkeypatch.setattr(InMemoryGrid, "push_messages", recording_push)
     overrides = {
         **TINY,
         "stages.dp-ctgan.strategy": {"name": "fedprox", "params": {"proximal_mu": 0.5}},
         "stages.timegan.strategy": {"name": "fedadam", "params": {"eta": 0.01}},
     }
-    outcome = simulate(config=None, overrides=overrides, out_dir=tmp_path)
+    with recording_grid() as (sent, _):
+        outcome = simulate(config=None, overrides=overrides, out_dir=tmp_path)
     assert all(r["aggregated"] and not r["rejected"] for r in outcome.metrics["rounds"])
     assert len(outcome.metrics["rounds"]) == TINY["stages.0.rounds"] + 3 + TINY["stages.hybrid-lstm.rounds"]
     train = [m for m in sent if m.metadata.message_type.startswith("train.")]

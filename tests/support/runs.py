@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +49,31 @@ NO_RISK = {"stages.hybrid-lstm": False, "stages.transformer": False, "risk.synth
 NO_RISK_OVERRIDES = "stages.hybrid-lstm=false stages.transformer=false risk.synthetic_models=[]"
 
 
-def recorded_simulation(overrides: dict[str, Any], out_dir: Path) -> tuple[SimulationOutcome, list[Message]]:
-    """A simulated run and every reply that reached the server."""
+@contextlib.contextmanager
+def recording_grid() -> Iterator[tuple[list[Message], list[Message]]]:
+    """Every message the server pushes and every reply it pulls, while the block runs."""
+    sent: list[Message] = []
     replies: list[Message] = []
-    original = InMemoryGrid.pull_messages
+    push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages
+
+    def recording_push(self, messages):
+        messages = list(messages)
+        sent.extend(messages)
+        return push(self, messages)
 
     def recording_pull(self, message_ids):
-        pulled = list(original(self, message_ids))
+        pulled = list(pull(self, message_ids))
         replies.extend(pulled)
         return pulled
 
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InMemoryGrid, "push_messages", recording_push)
         patch.setattr(InMemoryGrid, "pull_messages", recording_pull)
+        yield sent, replies
+
+
+def recorded_simulation(overrides: dict[str, Any], out_dir: Path) -> tuple[SimulationOutcome, list[Message]]:
+    """A simulated run and every reply that reached the server."""
+    with recording_grid() as (_, replies):
         outcome = simulate(config=None, overrides=overrides, out_dir=out_dir)
     return outcome, replies
