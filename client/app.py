@@ -37,6 +37,7 @@ from client.node import (
     save_plan,
 )
 from client.refusals import log_refusal_detail, public_reason
+from client.risk_evaluation import evaluation_release
 from client.tasks import (
     fits_target,
     handshake_statistics,
@@ -48,7 +49,14 @@ from client.tasks import (
 )
 from configs import wire
 from configs.settings import RunSettings, settings_from_run_config
-from configs.wire import AuditRequest, HandshakeRequest, MeasureRequest, TrainRequest, WireError
+from configs.wire import (
+    AuditRequest,
+    EvaluateRequest,
+    HandshakeRequest,
+    MeasureRequest,
+    TrainRequest,
+    WireError,
+)
 from models.encoder import EncoderError
 from models.releases.base import ReleaseError
 from models.releases.catalog import get_release
@@ -276,6 +284,30 @@ def identify(message: Message, context: Context) -> Message:
     )
 
 
+def _answer_once(context: Context, node: NodeSettings, what: str, federation_id: str) -> None:
+    """Record, before any charge, that this node answers `what` of this federation; a second ask
+    is refused (a repeated release would spend the budget again on the same patients)."""
+    key = f"{what}.{federation_id}"
+    if load_plan(context, node, key) is not None:
+        raise WireError(f"this node answered the {what} of federation '{federation_id}' already")
+    save_plan(context, node, key, {"answered": True})
+
+
+def _ledger_reply(
+    node: NodeSettings, ledger: PrivacyLedger, counts_key: str, arrays: dict, noise_sd: float
+) -> RecordDict:
+    """A one-off release's reply: the noisy arrays, the epsilon now, the noise sd and the charges."""
+    return RecordDict(
+        {
+            counts_key: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            wire.METRICS: MetricRecord({"epsilon": ledger.spent(), "noise-sd": noise_sd}),
+            # the charges themselves (mechanism, sigma, sample rate, steps, epsilon after)
+            wire.LEDGER: ConfigRecord({"json": json.dumps([e.model_dump() for e in ledger.entries])}),
+            wire.NODE_INFO: _node_info(node),
+        }
+    )
+
+
 @app.query("audit")
 def audit(message: Message, context: Context) -> Message:
     """The privacy audit, answered once per federation: noisy attack-score histograms (charged).
@@ -292,12 +324,7 @@ def audit(message: Message, context: Context) -> Message:
             state = dict(message.content.array_records[wire.MODEL].to_torch_state_dict())
             members, holdout = _split_cohort(settings, node)
             ledger = load_ledger(context, node)
-            key = f"audit.{request.federation_id}"
-            if load_plan(context, node, key) is not None:
-                raise WireError(
-                    f"this node answered the audit of federation '{request.federation_id}' already"
-                )
-            save_plan(context, node, key, {"answered": True})  # before the charge: never twice
+            _answer_once(context, node, "audit", request.federation_id)
             arrays, noise_sd = audit_release(
                 members,
                 holdout,
@@ -310,13 +337,35 @@ def audit(message: Message, context: Context) -> Message:
         except _REFUSALS as err:
             return _refuse(message, node, err)
         save_ledger(context, node, ledger)
-        content = RecordDict(
-            {
-                wire.AUDIT_COUNTS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                wire.METRICS: MetricRecord({"epsilon": ledger.spent(), "noise-sd": noise_sd}),
-                # the charges themselves (mechanism, sigma, sample rate, steps, epsilon after)
-                wire.LEDGER: ConfigRecord({"json": json.dumps([e.model_dump() for e in ledger.entries])}),
-                wire.NODE_INFO: _node_info(node),
+        return Message(_ledger_reply(node, ledger, wire.AUDIT_COUNTS, arrays, noise_sd), reply_to=message)
+
+
+@app.query("evaluate")
+def evaluate(message: Message, context: Context) -> Message:
+    """The risk models scored on this node's held-out patients, answered once per federation:
+    noisy confusion and score tables per model (one charged release); no prediction leaves."""
+    settings, node = _setup(context, message)
+    with ledger_lock(node):
+        try:
+            request = EvaluateRequest.from_config(message.content.config_records.get(wire.CONFIG))
+            records = message.content.array_records
+            states = {
+                folder: dict(records[wire.RISK_MODEL_PREFIX + folder].to_torch_state_dict())
+                for folder in request.models
+                if wire.RISK_MODEL_PREFIX + folder in records
             }
-        )
-        return Message(content, reply_to=message)
+            _, holdout = _split_cohort(settings, node)
+            ledger = load_ledger(context, node)
+            _answer_once(context, node, "risk evaluation", request.federation_id)
+            arrays, noise_sd = evaluation_release(
+                holdout,
+                settings.load_schema(),
+                request,
+                states,
+                ledger=ledger,
+                seed=_noise_seed(settings, node, 3000),
+            )
+        except _REFUSALS as err:
+            return _refuse(message, node, err)
+        save_ledger(context, node, ledger)
+        return Message(_ledger_reply(node, ledger, wire.RISK_COUNTS, arrays, noise_sd), reply_to=message)

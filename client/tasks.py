@@ -13,7 +13,7 @@ from client.data import Cohort
 from client.node import fresh_noise_seed
 from configs.schema import CohortSchema
 from configs.settings import RunSettings
-from configs.wire import AuditRequest, MeasureRequest, TrainRequest
+from configs.wire import AuditRequest, EvaluateRequest, MeasureRequest, TrainRequest
 from models.base import FitReport, LocalData, LocalRound, ModelKind
 from models.encoder import EncoderError, TabularEncoder
 from models.pgm.domain import to_cells
@@ -84,7 +84,7 @@ def rebuild_encoder_from(encoder_json: str, announced_hash: str, schema: CohortS
 
 
 def plan_target_epsilon(
-    ledger: PrivacyLedger, request: TrainRequest | MeasureRequest | AuditRequest
+    ledger: PrivacyLedger, request: TrainRequest | MeasureRequest | AuditRequest | EvaluateRequest
 ) -> float:
     """Cumulative epsilon this model may bring the ledger to: its share of what is left now.
 

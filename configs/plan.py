@@ -92,13 +92,17 @@ def _order_problems(stages: list[StageSpec], kinds: list[Any]) -> list[str]:
 
 
 def plan_problems(
-    stages: list[StageSpec], statistics_share: float, model_params: dict[str, Any], audit_share: float = 0.0
+    stages: list[StageSpec],
+    statistics_share: float,
+    model_params: dict[str, Any],
+    kept_back: dict[str, float] | None = None,
 ) -> list[str]:
     """Everything wrong with a run plan, each naming its stage; empty when it is sound.
 
     Args:
         statistics_share: the handshake's share of each hospital's max epsilon.
-        audit_share: the privacy audit's share, kept back from the stages.
+        kept_back: the one-off releases after the stages (the privacy audit, the risk models'
+            evaluation), each its share of max epsilon, kept back from the stages.
         model_params: the `[model.<name>]` tables, validated by each named model's Config.
     """
     from models.registry import UnknownModelError, get_model_class
@@ -125,12 +129,15 @@ def plan_problems(
             problems.append(f"stages.{index}.strategy: {err}")
     if None not in kinds:
         problems += _order_problems(stages, kinds)
-    total = statistics_share + audit_share + sum(stage.epsilon_share for stage in stages)
+    kept = {name: share for name, share in (kept_back or {}).items() if share > 0}
+    total = statistics_share + sum(kept.values()) + sum(stage.epsilon_share for stage in stages)
     if total > 1 + 1e-9:
-        shares = " + ".join(f"{s.epsilon_share:g} ({s.model})" for s in stages)
+        shares = " + ".join(
+            [f"{s:g} ({name})" for name, s in kept.items()]
+            + [f"{s.epsilon_share:g} ({s.model})" for s in stages]
+        )
         problems.append(
-            f"epsilon shares add up to {total:g} > 1: {statistics_share:g} (handshake statistics) + "
-            f"{audit_share:g} (audit) + {shares}"
+            f"epsilon shares add up to {total:g} > 1: {statistics_share:g} (handshake statistics) + {shares}"
         )
     names = [stage.model for stage in stages]
     repeated = sorted({name for name in names if names.count(name) > 1})

@@ -104,6 +104,9 @@ class RiskSettings(_Section):
     # Risk models the server trains on the released synthetic cohort (post-processing: no epsilon);
     # the federated DP route is a [[stages]] entry of a risk model.
     synthetic_models: list[str] = Field(default_factory=list)
+    # Share of max_epsilon for the hospitals' one release of every risk model's confusion and
+    # score tables on their held-out patients (after the audit); 0: no hospital-side evaluation.
+    evaluation_epsilon_share: float = Field(default=0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _known_risk_models(self) -> RiskSettings:
@@ -151,7 +154,10 @@ class RunSettings(_Section):
             self.stages,
             self.privacy.statistics_epsilon_share,
             self.model.tables(),
-            audit_share=self.audit.epsilon_share,
+            kept_back={
+                "audit": self.audit.epsilon_share,
+                "risk evaluation": self.risk_evaluation_share,
+            },
         )
         for name in sorted(set(self.model.tables()) - {stage.model for stage in self.stages}):
             if name in allowed:  # a registered model's table is checked even when no stage uses it
@@ -159,6 +165,21 @@ class RunSettings(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def risk_evaluation_share(self) -> float:
+        """The risk evaluation's share of max epsilon: 0 when the plan trains no risk model."""
+        from models.base import ModelKind
+        from models.registry import UnknownModelError, get_model_class
+
+        def is_risk(name: str) -> bool:
+            try:
+                return bool(get_model_class(name).kind == ModelKind.RISK_MODEL)
+            except UnknownModelError:  # named by plan_problems
+                return False
+
+        federated = any(is_risk(stage.model) for stage in self.stages)
+        return self.risk.evaluation_epsilon_share if federated or self.risk.synthetic_models else 0.0
 
     def load_schema(self) -> CohortSchema:
         return load_schema(self.schema_path)

@@ -14,6 +14,7 @@ HANDSHAKE = "query.handshake"  # validate the cohort, answer the requested DP re
 IDENTIFY = "query.identify"  # which hospital a node is (a resumed run): no data read
 AUDIT = "query.audit"  # DP histograms of membership-attack scores on the node's own synthetic sample
 MEASURE = "query.measure"  # noisy marginal tables of the column sets a statistics generator chose
+EVALUATE = "query.evaluate"  # DP count tables of the risk models' predictions on held-out patients
 TRAIN_ACTIONS = ("generator", "sequence", "risk")  # `train.<action>`, one per kind of round model
 
 # ---------------------------------------------------------------- record keys
@@ -24,6 +25,8 @@ NODE_INFO = "node-info"  # a reply's ConfigRecord naming the hospital (a declare
 LEDGER = "ledger"  # the audit reply's list of charges (mechanism, sigma, sample rate, steps)
 MODEL = "model"  # the audit request's ArrayRecord: the static generator's sampler state
 AUDIT_COUNTS = "audit-counts"  # the audit reply's noisy score histograms (and their public edges)
+RISK_COUNTS = "risk-counts"  # the evaluation reply's noisy tables, "<model folder>.<table>"
+RISK_MODEL_PREFIX = "risk-model."  # + a model folder: the evaluation request's model states
 FEDERATION_ID = "federation-id"  # names one run across a crash and its resume
 STATISTICS_PREFIX = "statistics."  # + a release's name: merged DP statistics sent to a stage
 
@@ -57,6 +60,12 @@ EGRESS: dict[str, dict[str, dict[str, str]]] = {
         AUDIT_COUNTS: {ANY_KEY: DP},
         METRICS: {**_EPSILON, "noise-sd": PUBLIC},
         LEDGER: {"json": PUBLIC},  # the charges: mechanism, sigma, sample rate, steps, epsilon
+        **_NODE_INFO,
+    },
+    EVALUATE: {
+        RISK_COUNTS: {ANY_KEY: DP},  # confusion and flagged-score counts per model, one release
+        METRICS: {**_EPSILON, "noise-sd": PUBLIC},
+        LEDGER: {"json": PUBLIC},
         **_NODE_INFO,
     },
 }
@@ -171,6 +180,29 @@ class AuditRequest(_ModelRequest):
     sample_seed: int = Field(alias="sample-seed", ge=0)
     budget_share: float = Field(alias="budget-share", gt=0, le=1)  # of the epsilon left now
     federation_id: str = Field(default="", alias=FEDERATION_ID)
+
+
+class EvaluateRequest(_Request):
+    """The risk models' evaluation: each model (its state in `RISK_MODEL_PREFIX + folder`) scores
+    the node's held-out patients, which answers once with noisy count tables."""
+
+    models: dict[str, tuple[str, dict[str, Any]]]  # folder -> (registered name, parameters)
+    encoder_json: str = Field(alias="encoder")
+    encoder_hash: str = Field(alias="encoder-hash")
+    budget_share: float = Field(alias="budget-share", gt=0, le=1)  # of the epsilon left now
+    federation_id: str = Field(default="", alias=FEDERATION_ID)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"not JSON: {err}") from None
+        if isinstance(value, dict) and not value:
+            raise ValueError("names no model")
+        return value
 
 
 class TrainRequest(_ModelRequest):

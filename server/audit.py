@@ -85,7 +85,8 @@ def _reply_counts(reply: Message) -> tuple[dict[str, np.ndarray], dict[str, np.n
     return counts, edges, noise_sd
 
 
-def _ledger_row(reply: Message, hospital: str) -> dict[str, Any]:
+def ledger_row(reply: Message, hospital: str) -> dict[str, Any]:
+    """A one-off release's reply as a ledger row: the hospital's charges and its epsilon after them."""
     entries = json.loads(str(reply.content.config_records[wire.LEDGER]["json"]))
     return {
         "hospital": hospital,
@@ -107,7 +108,7 @@ def request_audit(grid: Grid, node_ids: list[int], content: RecordDict, timeout_
             continue
         try:
             out.counts[hospital], out.edges[hospital], out.noise_sd[hospital] = _reply_counts(reply)
-            out.ledgers.append(_ledger_row(reply, hospital))
+            out.ledgers.append(ledger_row(reply, hospital))
         except (KeyError, TypeError, ValueError) as err:
             out.counts.pop(hospital, None)
             out.refusals.append({"hospital": hospital, "reason": f"malformed audit reply: {err}"[:300]})

@@ -24,9 +24,10 @@ from server.handshake import (
     wait_for_nodes,
 )
 from server.measure import run_measurements
-from server.plan import Stage, plan_releases, plan_stages
+from server.plan import Stage, evaluation_budget_share, plan_releases, plan_stages
 from server.resume import Checkpointer
 from server.risk import federated_risk, train_on_synthetic
+from server.risk_evaluation import evaluate_at_hospitals, latest_ledgers
 from server.rounds import StageStart, run_stage
 from server.synthesis import release_and_audit
 
@@ -177,6 +178,17 @@ def run_federation(
         federation_id=federation_id,
     )
     risk = federated_risk(planned.risk_models) + train_on_synthetic(settings, encoder, synthetic, timeseries)
+    evaluation = evaluate_at_hospitals(
+        grid,
+        sorted(handshake.node_ids),
+        risk,
+        encoder,
+        budget_share=evaluation_budget_share(settings),
+        federation_id=federation_id,
+        timeout_s=fed.round_timeout_s,
+    )
+    if evaluation:  # each hospital's latest charges: the evaluation's ledger where it answered
+        audit["ledger"] = latest_ledgers(audit["ledger"], evaluation["ledger"])
     return export_run(
         out_dir,
         release_folder=_release_folder(bool(audit["audit"]["passed"]), settings),
@@ -196,5 +208,6 @@ def run_federation(
             "federation_id": federation_id,
             "resumed": resume,
             "measurement_refusals": measurement_refusals,
+            "risk_evaluation": evaluation,
         },
     )

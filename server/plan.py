@@ -95,6 +95,14 @@ def audit_budget_share(settings: RunSettings) -> float:
     return min(1.0, settings.audit.epsilon_share / max(left, settings.audit.epsilon_share))
 
 
+def evaluation_budget_share(settings: RunSettings) -> float:
+    """The risk evaluation's share of what a hospital has left after the audit (it comes last)."""
+    share = settings.risk_evaluation_share
+    left = 1.0 - settings.privacy.statistics_epsilon_share - settings.audit.epsilon_share
+    left -= sum(s.epsilon_share for s in settings.stages)
+    return min(1.0, share / max(left, share)) if share > 0 else 0.0
+
+
 def stage_request(
     stage: Stage, encoder: TabularEncoder, settings: RunSettings, federation_id: str
 ) -> ConfigRecord:

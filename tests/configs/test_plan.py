@@ -12,7 +12,7 @@ import pytest
 from configs.errors import ConfigError
 from configs.settings import load_settings, parse_overrides
 from models.registry import BUILTIN_MODELS
-from server.plan import audit_budget_share, budget_shares, plan_releases
+from server.plan import audit_budget_share, budget_shares, evaluation_budget_share, plan_releases
 
 ROOT = Path(__file__).resolve().parents[2]
 CTGAN = {"model": "dp-ctgan", "rounds": 2, "epsilon_share": 0.4}
@@ -23,15 +23,16 @@ def test_the_default_plan_is_todays_run() -> None:
     s = load_settings()
     assert [(st.model, st.rounds, st.phases, st.epsilon_share, st.strategy.name) for st in s.stages] == [
         ("pgm", 0, {}, 0.4, "fedavg"),
-        ("timegan", 0, {"embedding": 6, "supervised": 2, "joint": 8}, 0.25, "fedavg"),
+        ("timegan", 0, {"embedding": 6, "supervised": 2, "joint": 8}, 0.21, "fedavg"),
         ("hybrid-lstm", 4, {}, 0.05, "fedavg"),
         ("transformer", 4, {}, 0.05, "fedavg"),
     ]
     # At its first round a hospital spends this share of what it has left: the static generator
-    # half of what the handshake left (0.4 of 0.8), TimeGAN 0.25 of 0.4, each risk model its 0.05
-    # of what is left then, the audit all that remains.
-    assert budget_shares(s) == pytest.approx([0.5, 0.625, 1 / 3, 0.5])
-    assert audit_budget_share(s) == pytest.approx(1.0)
+    # half of what the handshake left (0.4 of 0.8), TimeGAN 0.21 of 0.4, each risk model its 0.05
+    # of what is left then, the audit 0.05 of 0.09 and the risk evaluation all that remains.
+    assert budget_shares(s) == pytest.approx([0.5, 0.525, 0.05 / 0.19, 0.05 / 0.14])
+    assert audit_budget_share(s) == pytest.approx(0.05 / 0.09)
+    assert evaluation_budget_share(s) == pytest.approx(1.0)
     assert plan_releases(s) == ["sequence-moments"]
 
 
@@ -59,7 +60,7 @@ def test_a_whole_plan_replaces_the_default() -> None:
 @pytest.mark.parametrize(
     ("stages", "message"),
     [
-        ([{**CTGAN, "epsilon_share": 0.5}, {**TIMEGAN, "epsilon_share": 0.4}], "add up to 1.15 > 1"),
+        ([{**CTGAN, "epsilon_share": 0.5}, {**TIMEGAN, "epsilon_share": 0.4}], "add up to 1.19 > 1"),
         ([{**CTGAN, "model": "no-such-model"}], "stages.0.model: unknown model 'no-such-model'; allowed:"),
         ([{**CTGAN, "strategy": {"name": "fedsgd"}}], "unknown strategy 'fedsgd'; choose one of: fedavg"),
         ([{**CTGAN, "strategy": {"name": "fedprox"}}], "proximal_mu"),

@@ -34,7 +34,7 @@ def recorded_run(tiny_recorded_run):
 def test_every_value_a_hospital_sends_is_classified(recorded_run) -> None:
     _, replies = recorded_run
     kinds = {m.metadata.message_type for m in replies}
-    assert {"query.handshake", "train.generator", "train.sequence", "query.audit"} <= kinds
+    assert {"query.handshake", "train.generator", "train.sequence", "query.audit", "query.evaluate"} <= kinds
     assert egress_violations(replies) == []
 
 

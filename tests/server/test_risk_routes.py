@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from models.bundle import load_bundle
@@ -57,3 +58,24 @@ def test_demo_check_scores_every_route_beside_its_ceiling(tiny_recorded_run) -> 
         assert ("gbm", f"one hospital alone, no DP (hospital-{hospital})") in routes
     for row in rows:
         assert 0.0 <= row["auroc"] <= 1.0 and 0.0 <= row["brier"] <= 2.0
+
+
+def test_each_hospital_scored_every_route_on_its_held_out_patients_under_dp(tiny_recorded_run) -> None:
+    outcome, replies = tiny_recorded_run
+    evaluation = outcome.metrics["risk_evaluation"]
+    hospitals = {f"hospital-{i}" for i in range(1, TINY["federation.hospitals"] + 1)}
+    rows = {(r["model"], r["route"], r["hospital"]): r for r in evaluation["rows"]}
+    for model, route in [("hybrid-lstm", "federated-dp"), ("hybrid-lstm", "synthetic"), ("gbm", "synthetic")]:
+        for where in [*hospitals, "all hospitals"]:
+            row = rows[(model, route, where)]
+            assert 0.0 <= row["high_risk_auroc"] <= 1.0 and row["noise_sd"] > 0
+            assert np.asarray(row["confusion"]).shape == (3, 3)
+    # one charged release per hospital, the last charge of each ledger, and within the budget
+    assert evaluation["refusals"] == []
+    for ledger in evaluation["ledger"]:
+        assert ledger["entries"][-1]["what"] == "risk evaluation" and ledger["epsilon"] <= 5.0 + 1e-9
+    answers = [r for r in replies if r.metadata.message_type == "query.evaluate"]
+    assert len(answers) == len(hospitals) and egress_violations(answers) == []
+    # the card's epsilon per hospital includes the evaluation's charge
+    final = {h["hospital"]: h["epsilon"] for h in outcome.metrics["hospitals"]}
+    assert final == {ledger["hospital"]: ledger["epsilon"] for ledger in evaluation["ledger"]}
