@@ -11,12 +11,19 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 
+from client.csv_file import (
+    MAX_QUOTED_CHARS,  # noqa: F401  (re-exported: callers cut quoted cells with it)
+    CellProblem,
+    clip,
+    escape_controls,
+    id_problems,
+    overlong_cells,
+    text_problems,
+)
 from configs.schema import CohortSchema, ColumnSpec
 
 # Enough problems for a data team to see the pattern, without flooding the terminal.
 MAX_REPORTED_ISSUES = 20
-# A cell quoted in a message is cut here: a 40 MB cell must never become a 40 MB string.
-MAX_QUOTED_CHARS = 40
 # Backstop for whole messages (library errors quoted in them included).
 MAX_PROBLEM_CHARS = 300
 
@@ -29,6 +36,10 @@ ProblemClass = Literal[
     "not UTF-8",
     "unreadable file",
     "not a CSV table",
+    "not comma-separated",
+    "NUL character",
+    "cell too long",
+    "control character",
     "no data rows",
     "missing column",
     "unexpected column",
@@ -44,12 +55,12 @@ ProblemClass = Literal[
     "wrong number of days",
 ]
 PROBLEM_CLASSES: frozenset[str] = frozenset(get_args(ProblemClass))
+_UNUSABLE_ID = frozenset({"missing id", "control character"})
 
 
-def clip(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
-    """`text` as a string of at most `limit` characters, an ellipsis marking a cut."""
-    shown = str(text)
-    return shown if len(shown) <= limit else shown[: max(limit - 3, 0)] + "..."
+def _one_line(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters with its control characters escaped."""
+    return clip(escape_controls(str(text)[: limit + 1]), limit)
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,11 @@ class ValidationIssue:
         # Literal is not checked at run time, and refusals trust the class to be from the list.
         if self.problem_class not in PROBLEM_CLASSES:
             raise ValueError(f"unknown problem class {clip(self.problem_class)!r}")
-        object.__setattr__(self, "problem", clip(self.problem, MAX_PROBLEM_CHARS))
+        # One line per issue, whatever a cell held: control characters (a newline, an ESC that
+        # would drive the terminal) are shown as escapes.
+        object.__setattr__(self, "problem", _one_line(self.problem, MAX_PROBLEM_CHARS))
+        if self.column is not None:
+            object.__setattr__(self, "column", _one_line(self.column, MAX_PROBLEM_CHARS))
 
     def __str__(self) -> str:
         where = self.file
@@ -102,7 +117,7 @@ class Cohort:
         return len(self.static)
 
 
-def _read_table(path: Path, issues: list[ValidationIssue]) -> pd.DataFrame | None:
+def read_table(path: Path, issues: list[ValidationIssue]) -> pd.DataFrame | None:
     """Read CSV (as text, so we parse and report each cell ourselves) or parquet."""
     name = path.name
     if path.stat().st_size == 0:
@@ -118,10 +133,14 @@ def _read_table(path: Path, issues: list[ValidationIssue]) -> pd.DataFrame | Non
     except (OSError, ValueError, ImportError) as err:  # ImportError: no parquet engine installed
         issues.append(ValidationIssue(name, None, None, f"cannot be read: {err}", "unreadable file"))
         return None
+    if not _add(issues, name, text_problems(text)):
+        return None
     try:
         frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skip_blank_lines=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        issues.append(ValidationIssue(name, None, None, f"not a valid CSV table: {err}", "not a CSV table"))
+        issues.append(
+            ValidationIssue(name, None, None, f"not a valid CSV table: {str(err).strip()}", "not a CSV table")
+        )
         return None
     # The index becomes each row's line in the file (header = line 1), so every message points
     # at the right line even where blank lines were skipped.
@@ -131,6 +150,12 @@ def _read_table(path: Path, issues: list[ValidationIssue]) -> pd.DataFrame | Non
         issues.append(ValidationIssue(name, None, None, "has a header but no data rows", "no data rows"))
         return None
     return frame
+
+
+def _add(issues: list[ValidationIssue], name: str, problems: list[CellProblem]) -> bool:
+    """Record `problems` found in file `name` as issues; True when there were none."""
+    issues.extend(ValidationIssue(name, *problem) for problem in problems)  # type: ignore[arg-type]
+    return not problems
 
 
 def _check_columns(frame: pd.DataFrame, name: str, expected: list[str], issues: list) -> bool:
@@ -220,12 +245,15 @@ def _load_static(
             ValidationIssue("static.csv", None, None, "file not found in the cohort folder", "file not found")
         )
         return None
-    frame = _read_table(path, issues)
+    frame = read_table(path, issues)
     columns = [schema.id_column, *schema.column_names]
     if frame is not None and label_optional and schema.label_column not in frame.columns:
         columns.remove(schema.label_column)  # patients to predict for: their label is not known yet
     if frame is None or not _check_columns(frame, path.name, columns, issues):
         return None
+    if not _add(issues, path.name, overlong_cells(frame, columns)):
+        return None
+    _add(issues, path.name, id_problems(frame[schema.id_column], schema.id_column))
     parsed = {schema.id_column: frame[schema.id_column].str.strip()}
     for spec in (s for s in schema.columns if s.name in columns):
         parsed[spec.name] = _parse_static_column(frame[spec.name], spec, path.name, issues)
@@ -261,10 +289,13 @@ def _load_timeseries(
             ValidationIssue(path.name, None, None, "file not found in the cohort folder", "file not found")
         )
         return None
-    frame = _read_table(path, issues)
+    frame = read_table(path, issues)
     columns = [schema.id_column, sequence.day_column, *(c.name for c in sequence.channels)]
     if frame is None or not _check_columns(frame, path.name, columns, issues):
         return None
+    if not _add(issues, path.name, overlong_cells(frame, columns)):
+        return None
+    ids_usable = _add(issues, path.name, id_problems(frame[schema.id_column], schema.id_column))
     parsed = {schema.id_column: frame[schema.id_column].str.strip()}
     parsed[sequence.day_column] = _parse_numeric(
         frame[sequence.day_column],
@@ -286,7 +317,7 @@ def _load_timeseries(
             issues=issues,
         )
     result = pd.DataFrame(parsed)
-    if patient_ids is not None:
+    if patient_ids is not None and ids_usable:
         known = set(patient_ids)
         unknown = ~result[schema.id_column].isin(known).to_numpy()
         for i in np.flatnonzero(unknown)[:MAX_REPORTED_ISSUES]:
@@ -328,7 +359,10 @@ def load_cohort(folder: str | Path, schema: CohortSchema, *, label_optional: boo
         raise CohortValidationError(folder, [issue])
     issues: list[ValidationIssue] = []
     static = _load_static(folder, schema, issues, label_optional=label_optional)
-    ids = static[schema.id_column] if static is not None else None
+    # An unusable id would come back from the cross-file check once per day row of its patient:
+    # it is reported once, and the files are matched when it is fixed.
+    usable = static is not None and not any(i.problem_class in _UNUSABLE_ID for i in issues)
+    ids = static[schema.id_column] if usable else None
     timeseries = _load_timeseries(folder, schema, ids, issues)
     if issues:
         raise CohortValidationError(folder, issues)

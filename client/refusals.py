@@ -29,7 +29,7 @@ MAX_LOCAL_CHARS = 4000
 _OWN_MESSAGES: tuple[type[Exception], ...] = (BudgetExceededError, EncoderError, WireError, ReleaseError)
 # Classes whose column name was read from the file's header (which may be a data row), not
 # taken from the schema: the name stays local.
-_COLUMN_FROM_FILE = frozenset({"unexpected column"})
+_COLUMN_FROM_FILE = frozenset({"unexpected column", "not comma-separated", "NUL character"})
 # The folder's own path names the hospital's storage layout: it stays local.
 _NO_FILE_NAME = frozenset({"folder not found"})
 

@@ -81,14 +81,21 @@ def _share_problems(index: int, stage: StageSpec, model_class: type) -> list[str
 
 
 def _order_problems(stages: list[StageSpec], kinds: list[Any]) -> list[str]:
-    """One static generator (the released table), before any sequence or risk stage."""
+    """The static generator first (its samples are released); a model that refines a coarse one
+    (`refines_coarse`, e.g. hhg on pgm's cells) may follow it, and is then the one released."""
     from models.base import STATIC_GENERATOR_KINDS
+    from models.registry import get_model_class
 
     static = [i for i, kind in enumerate(kinds) if kind in STATIC_GENERATOR_KINDS]
-    if len(static) != 1:
-        names = [stages[i].model for i in static]
-        return [f"the plan needs exactly one static generator stage, got {len(static)} {names}"]
-    return [] if static[0] == 0 else [f"stages.0 must be the static generator ({stages[static[0]].model})"]
+    names = [stages[i].model for i in static]
+    if not static or len(static) > 2:
+        return [f"the plan needs one static generator stage (or a coarse one and its refiner), got {names}"]
+    if static[0] != 0:
+        return [f"stages.0 must be the static generator ({stages[static[0]].model})"]
+    refines = len(static) == 2 and getattr(get_model_class(names[1]), "refines_coarse", False)
+    if len(static) == 2 and (static[1] != 1 or not refines):
+        return [f"a second static stage must come right after the first and refine it, got {names}"]
+    return []
 
 
 def plan_problems(

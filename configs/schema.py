@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from configs.errors import ConfigError, format_validation_error
 
 DEFAULT_SCHEMA_PATH = Path(__file__).with_name("cohort.toml")
+# How `mindfed init` marks a value it must not guess from the rows (a range, the categories):
+# a schema holding one is a draft, refused until a person fills it from public knowledge.
+PLACEHOLDER = "FILL ME"
+# A wide draft has two per column: enough lines to show what is left, then a count.
+MAX_LISTED_PLACEHOLDERS = 20
 # Number of equal-width bins a numeric column's public range is cut into for the DP
 # histograms; integers with a narrower range get one bin per value.
 DEFAULT_NUMERIC_BINS = 20
@@ -170,10 +175,39 @@ class CohortSchema(_Frozen):
 def load_schema(path: str | Path = DEFAULT_SCHEMA_PATH) -> CohortSchema:
     """Read and validate a cohort schema TOML file; errors name the file and the key."""
     data = read_toml(path)
+    unfilled = placeholders(data)
+    if unfilled:
+        more = len(unfilled) - MAX_LISTED_PLACEHOLDERS
+        listed = "\n  ".join(unfilled[:MAX_LISTED_PLACEHOLDERS]) + (
+            f"\n  ... and {more} more" if more > 0 else ""
+        )
+        raise ConfigError(
+            f"{path} is a draft: fill its {PLACEHOLDER} placeholders from public knowledge "
+            f"(questionnaire scoring guides, device specifications), never from the rows:\n  {listed}"
+        )
     try:
         return CohortSchema.model_validate(data)
     except ValueError as err:
         raise ConfigError(format_validation_error(err, source=str(path))) from None
+
+
+def placeholders(data: dict) -> list[str]:
+    """One line per placeholder left in a schema's data, naming its column (or channel) and key."""
+    found: list[str] = []
+
+    def visit(table: dict, owner: str) -> None:
+        for key, value in table.items():
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(item, str) and item.startswith(PLACEHOLDER) for item in items):
+                found.append(f"{owner}: {key} is a placeholder, still to fill")
+            for item in items:
+                if isinstance(item, dict) and item is value:  # [sequence]
+                    visit(item, key)
+                elif isinstance(item, dict):  # [[columns]]: column 'age'; [[sequence.channels]]: channel
+                    visit(item, f"{key.removesuffix('s')} {str(item.get('name', '?'))!r}")
+
+    visit(data, "schema")
+    return found
 
 
 def read_toml(path: str | Path) -> dict:

@@ -14,6 +14,7 @@ from typing import Annotated
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -115,6 +116,7 @@ def simulate(
     console.print(f"[bold green]done[/]: results in {outcome.out_dir}")
     _print_demo_utility(outcome.metrics.get("demo_check", {}))
     _print_risk_models(outcome.metrics.get("demo_check", {}).get("risk", []))
+    _print_hospital_evaluation(outcome.metrics.get("risk_evaluation") or {})
     console.print(
         f"  column-shape score vs DP reference histograms: {final['column_shape_vs_dp_reference']:.4f}"
     )
@@ -154,6 +156,17 @@ def _print_risk_models(rows: list[dict]) -> None:
             f"  risk {row['model']} ({row['route']}): AUROC {row['auroc']:.3f}, macro-F1 "
             f"{row['macro_f1']:.3f}, high-risk F1 {row['high_risk_f1']:.3f}, Brier {row['brier']:.3f}"
         )
+
+
+def _print_hospital_evaluation(evaluation: dict) -> None:
+    """Each risk model as the hospitals scored it on their held-out patients (DP tables, pooled)."""
+    for row in evaluation.get("rows", []):
+        if row["hospital"] == "all hospitals":
+            console.print(
+                f"  at the hospitals (DP) {row['model']} ({row['route']}): high-risk AUROC "
+                f"{row['high_risk_auroc']:.3f}, macro-F1 {row['macro_f1']:.3f}, "
+                f"noise sd {row['noise_sd']:.1f}"
+            )
 
 
 def _print_sequence_and_audit(metrics: dict) -> None:
@@ -301,6 +314,33 @@ def check(
 
 
 @app.command()
+def init(
+    static: Annotated[Path, typer.Option("--from", help="Your static.csv: its header and value types.")],
+    out: Annotated[Path, typer.Option(help="The schema draft to write (TOML).")],
+    timeseries: Annotated[
+        Path | None, typer.Option(help="Your timeseries.csv, for the [sequence] section.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --out.")] = False,
+) -> None:
+    """Draft a cohort schema from your CSVs' headers and value types, ranges and categories left to fill."""
+    from client.schema_init import draft_for_files
+    from configs.schema_draft import DraftError
+    from privacy.storage import atomic_write_text
+
+    if out.is_dir():
+        _fail(f"--out {out} is a folder; give the path of the TOML file to write")
+    if out.exists() and not force:
+        _fail(f"--out {out} exists; give --force to overwrite it")
+    with _user_errors(DraftError):
+        draft = draft_for_files(static, timeseries)
+    atomic_write_text(out, draft)
+    console.print(
+        f"wrote a schema draft to {out}: replace every FILL ME with public knowledge, then run "
+        f"mindfed check --data <folder> --schema {out}"
+    )
+
+
+@app.command()
 def predict(
     model: Annotated[Path, typer.Option(help="An exported risk model's bundle (bundle/risk/<name>).")],
     data: Annotated[
@@ -318,6 +358,112 @@ def predict(
     console.print(
         f"wrote predictions for {done.patients} patients from {done.model} ({done.route}) to {done.out}"
     )
+
+
+class _SpreadOptions(typer.core.TyperCommand):
+    """A command whose list options take several values after one flag: `--synthetic a.csv b.csv`."""
+
+    spread = ("--synthetic", "--names")
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _spread_values(args, self.spread))
+
+
+def _spread_values(args: list[str], flags: tuple[str, ...]) -> list[str]:
+    """Repeat a spread flag before each further value it is followed by (click's repeated form)."""
+    out: list[str] = []
+    current: str | None = None  # the spread flag whose values are being read
+    fresh = False  # that flag was just written: its first value needs no repeat
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return out + args[index:]
+        if arg.startswith("-") and len(arg) > 1:
+            flag = arg.split("=", 1)[0]
+            current = flag if flag in flags else None
+            fresh = current is not None and "=" not in arg
+        elif current is not None and not fresh:
+            out.append(current)
+        else:
+            fresh = False
+        out.append(arg)
+    return out
+
+
+_REAL_HELP = "Real patients: a static-profile CSV or a cohort folder (static.csv [+ timeseries.csv])."
+_HOLDOUT_HELP = "Real patients the generator never saw (CSV or folder): enables DCR and membership attacks."
+_SCHEMA_HELP = "Cohort schema TOML (default: the shipped one)."
+
+
+@app.command()
+def evaluate(
+    real: Annotated[Path, typer.Option(help=_REAL_HELP)],
+    synthetic: Annotated[Path, typer.Option(help="Synthetic static profiles (CSV or cohort folder).")],
+    out: Annotated[Path, typer.Option(help="Folder for report.html and report.json.")],
+    holdout: Annotated[Path | None, typer.Option(help=_HOLDOUT_HELP)] = None,
+    name: Annotated[
+        str | None, typer.Option(help="The table's name in the report (default: file name).")
+    ] = None,
+    schema: Annotated[Path | None, typer.Option(help=_SCHEMA_HELP)] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the classifier and the attacks.")] = 0,
+) -> None:
+    """Score a synthetic table against real data you hold: quality, TSTR and, with --holdout, privacy."""
+    _score_tables(real, [synthetic], [name] if name is not None else [], holdout, out, schema, seed)
+
+
+@app.command(cls=_SpreadOptions)
+def compare(
+    real: Annotated[Path, typer.Option(help=_REAL_HELP)],
+    synthetic: Annotated[
+        list[Path], typer.Option(help="Synthetic tables, CSV or folder (several after one --synthetic).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for report.html and report.json.")],
+    names: Annotated[
+        list[str] | None, typer.Option(help="One name per synthetic table (default: file names).")
+    ] = None,
+    holdout: Annotated[Path | None, typer.Option(help=_HOLDOUT_HELP)] = None,
+    schema: Annotated[Path | None, typer.Option(help=_SCHEMA_HELP)] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the classifiers and the attacks.")] = 0,
+) -> None:
+    """Score several synthetic tables side by side against real data: one report.html + report.json."""
+    _score_tables(real, synthetic, names or [], holdout, out, schema, seed)
+
+
+def _score_tables(
+    real: Path,
+    synthetic: list[Path],
+    names: list[str],
+    holdout: Path | None,
+    out: Path,
+    schema: Path | None,
+    seed: int,
+) -> None:
+    """`evaluate` and `compare`: validate every input, score, write the report, print the summary."""
+    _setup_logging(False)
+    from rich.progress import Progress
+
+    from client.evaluate import EvaluationInputError, evaluate_tables, load_inputs
+    from client.evaluate_report import summary_table, write_evaluation_report
+    from configs.schema import DEFAULT_SCHEMA_PATH, load_schema
+
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; give a folder for report.html and report.json")
+    with _user_errors(EvaluationInputError):
+        cohort_schema = load_schema(schema or DEFAULT_SCHEMA_PATH)
+        real_table, tables, held = load_inputs(real, synthetic, cohort_schema, names=names, holdout=holdout)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("scoring", total=len(tables))
+        evaluation = evaluate_tables(
+            real_table,
+            tables,
+            cohort_schema,
+            holdout=held,
+            seed=seed,
+            progress=lambda done: progress.update(task, advance=1, description=f"scored {done}"),
+        )
+    with _user_errors():
+        written = write_evaluation_report(evaluation, cohort_schema, out)
+    console.print(summary_table(evaluation))
+    console.print(f"report: {written.html_path} and {written.json_path}")
 
 
 @certs_app.command("init")

@@ -19,7 +19,7 @@ from models.numeric_moments import numeric_correlations
 from models.pairs import PAIR_SEPARATOR
 from models.releases.numeric import NUMERIC_MOMENTS
 from models.runtime import autocast_for
-from privacy.dp_training import DPSpec, add_proximal_pull, dp_training
+from privacy.dp_training import DPSpec, add_proximal_pull, dp_training, through_private
 from privacy.facade import prepare_module
 
 logger = logging.getLogger(__name__)
@@ -272,24 +272,19 @@ class DPCTGAN:
         return float(loss.detach()) / max(1, inputs.shape[0])
 
     def _generator_step(self, discriminator, opt_g, opt_d, n, rng, device) -> float:
-        hooks = getattr(discriminator, "disable_hooks", None)
-        if hooks is not None:  # no per-sample gradients needed: D is not updated here
-            discriminator.disable_hooks()
-        opt_g.zero_grad(set_to_none=True)
-        with autocast_for(device):
-            raw, cond = self._fake_batch(n, rng, device)
-            logits = discriminator(torch.cat([self._activate(raw), cond], 1)).squeeze(1).float()
-        loss = (
-            F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-            + self._condition_loss(raw.float(), cond)
-            + self.config.marginal_weight * self._marginal_loss(raw.float())
-            + self.config.pair_weight * self._pair_loss(raw.float())
-        )
-        loss.backward()
-        opt_g.step()
-        opt_d.zero_grad(set_to_none=True)  # drop D's gradients from this pass
-        if hooks is not None:
-            discriminator.enable_hooks()
+        with through_private(discriminator, opt_d):
+            opt_g.zero_grad(set_to_none=True)
+            with autocast_for(device):
+                raw, cond = self._fake_batch(n, rng, device)
+                logits = discriminator(torch.cat([self._activate(raw), cond], 1)).squeeze(1).float()
+            loss = (
+                F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+                + self._condition_loss(raw.float(), cond)
+                + self.config.marginal_weight * self._marginal_loss(raw.float())
+                + self.config.pair_weight * self._pair_loss(raw.float())
+            )
+            loss.backward()
+            opt_g.step()
         return float(loss.detach())
 
     # ---------------------------------------------------------------- sampling

@@ -14,6 +14,7 @@ T = TypeVar("T", bound=type)
 BUILTIN_MODELS: dict[str, str] = {
     "dp-ctgan": "models.ctgan_dp:DPCTGAN",
     "gbm": "models.risk.gbm:GradientBoostingRisk",
+    "hhg": "models.hhg.model:HybridGenerator",
     "hybrid-lstm": "models.risk.neural:HybridLSTM",
     "pgm": "models.pgm.model:PrivatePGM",
     "timegan": "models.sequence.timegan:TimeGAN",

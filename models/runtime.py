@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
+
+# Off only inside `full_precision()`: a context variable, so a benchmark's fp32 run in one thread
+# cannot change what another thread's training does.
+_BF16_ON_CUDA: ContextVar[bool] = ContextVar("mindfed_bf16_on_cuda", default=True)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -22,8 +27,18 @@ def resolve_device(choice: str) -> torch.device:
 @contextlib.contextmanager
 def autocast_for(device: torch.device) -> Iterator[None]:
     """bf16 autocast on CUDA (weights stay fp32; bf16 needs no GradScaler, which DP forbids)."""
-    if device.type == "cuda":
+    if device.type == "cuda" and _BF16_ON_CUDA.get():
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
             yield
     else:
         yield
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Within the block `autocast_for` leaves CUDA in fp32 (the bf16-vs-fp32 benchmark, bf16 suspects)."""
+    token = _BF16_ON_CUDA.set(False)
+    try:
+        yield
+    finally:
+        _BF16_ON_CUDA.reset(token)

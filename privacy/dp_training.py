@@ -140,6 +140,21 @@ def dp_training(
         session.module = unwrap(private.module)
 
 
+@contextlib.contextmanager
+def through_private(discriminator: nn.Module, optimizer: optim.Optimizer) -> Iterator[None]:
+    """A generator's post-processing step through a DP-trained module: its per-sample hooks are
+    off (it is not updated here), and the gradients this pass leaves in it are dropped after."""
+    hooks = hasattr(discriminator, "disable_hooks")
+    if hooks:
+        discriminator.disable_hooks()  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        if hooks:
+            discriminator.enable_hooks()  # type: ignore[operator]
+
+
 def _accounted_steps(ledger: PrivacyLedger) -> int:
     return sum(int(steps) for _, _, steps in ledger.accountant.history)
 

@@ -96,6 +96,12 @@ def ledger_row(reply: Message, hospital: str) -> dict[str, Any]:
     }
 
 
+def latest_ledgers(earlier: list[dict[str, Any]], later: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per hospital, its ledger row from `later` where there is one, else from `earlier`."""
+    rows = {row["hospital"]: row for row in earlier} | {row["hospital"]: row for row in later}
+    return [rows[h] for h in sorted(rows)]
+
+
 def request_audit(grid: Grid, node_ids: list[int], content: RecordDict, timeout_s: float) -> AuditAnswers:
     """Ask every hospital for its audit release; a malformed answer is that hospital's refusal."""
     messages = [Message(content, dst_node_id=n, message_type=wire.AUDIT) for n in node_ids]
@@ -185,7 +191,24 @@ def render_report(
         ledger=inputs["ledger"],
         decisions=inputs["decisions"],
         gates=gates,
+        risk_evaluation=inputs.get("risk_evaluation"),
     )
+
+
+def add_risk_evaluation(
+    out_dir: Path,
+    evaluation: dict[str, Any],
+    synthetic: pd.DataFrame,
+    schema: CohortSchema,
+    gates: GateThresholds,
+) -> ReportResult:
+    """The report again with the hospitals' DP evaluation of the risk models (which comes after the
+    audit); the saved aggregates gain it, so `mindfed audit --run` redraws the same page."""
+    inputs = json.loads((Path(out_dir) / AUDIT_INPUTS_FILE).read_text(encoding="utf-8"))
+    inputs["risk_evaluation"] = evaluation
+    inputs["ledger"] = latest_ledgers(inputs["ledger"], evaluation.get("ledger", []))
+    save_audit_inputs(out_dir, inputs)
+    return render_report(out_dir, inputs, synthetic, schema, gates)
 
 
 def rerender_run_report(run_dir: Path, gate_overrides: dict[str, float]) -> ReportResult:

@@ -14,8 +14,9 @@ from configs.settings import RunSettings
 from models.base import ModelKind
 from models.bundle import sample_linked
 from models.encoder import TabularEncoder
+from server.audit import add_risk_evaluation, gates_from, latest_ledgers
 from server.checkpoint import Checkpoint, resumable_checkpoint
-from server.export import QUARANTINE_DIR, export_run
+from server.export import QUARANTINE_DIR, TrainedRisk, export_run
 from server.handshake import (
     HandshakeResult,
     count_cell_bound,
@@ -27,7 +28,7 @@ from server.measure import run_measurements
 from server.plan import Stage, evaluation_budget_share, plan_releases, plan_stages
 from server.resume import Checkpointer
 from server.risk import federated_risk, train_on_synthetic
-from server.risk_evaluation import evaluate_at_hospitals, latest_ledgers
+from server.risk_evaluation import evaluate_at_hospitals
 from server.rounds import StageStart, run_stage
 from server.synthesis import release_and_audit
 
@@ -123,6 +124,33 @@ def _release_folder(passed: bool, settings: RunSettings) -> str:
     return QUARANTINE_DIR
 
 
+def _evaluate_risk(
+    grid: Grid,
+    settings: RunSettings,
+    risk: list[TrainedRisk],
+    encoder: TabularEncoder,
+    handshake: HandshakeResult,
+    audit: dict[str, Any],
+    out_dir: Path,
+    synthetic: Any,
+    federation_id: str,
+) -> dict[str, Any]:
+    """The hospitals' DP evaluation of every risk model; the report and `audit["ledger"]` gain it."""
+    evaluation = evaluate_at_hospitals(
+        grid,
+        sorted(handshake.node_ids),
+        risk,
+        encoder,
+        budget_share=evaluation_budget_share(settings),
+        federation_id=federation_id,
+        timeout_s=settings.federation.round_timeout_s,
+    )
+    if evaluation:  # each hospital's latest charges: the evaluation's ledger where it answered
+        audit["ledger"] = latest_ledgers(audit["ledger"], evaluation["ledger"])
+        add_risk_evaluation(out_dir, evaluation, synthetic, encoder.schema, gates_from(settings.audit))
+    return evaluation
+
+
 def run_federation(
     grid: Grid, settings: RunSettings, out_dir: Path, *, resume: bool = False
 ) -> dict[str, Any]:
@@ -178,17 +206,9 @@ def run_federation(
         federation_id=federation_id,
     )
     risk = federated_risk(planned.risk_models) + train_on_synthetic(settings, encoder, synthetic, timeseries)
-    evaluation = evaluate_at_hospitals(
-        grid,
-        sorted(handshake.node_ids),
-        risk,
-        encoder,
-        budget_share=evaluation_budget_share(settings),
-        federation_id=federation_id,
-        timeout_s=fed.round_timeout_s,
+    evaluation = _evaluate_risk(
+        grid, settings, risk, encoder, handshake, audit, out_dir, synthetic, federation_id
     )
-    if evaluation:  # each hospital's latest charges: the evaluation's ledger where it answered
-        audit["ledger"] = latest_ledgers(audit["ledger"], evaluation["ledger"])
     return export_run(
         out_dir,
         release_folder=_release_folder(bool(audit["audit"]["passed"]), settings),

@@ -174,25 +174,45 @@ class _Context:
 
 
 def _static_stages(spec: StageSpec, model: Any, share: float, ctx: _Context) -> list[Stage]:
-    """A statistics generator is fitted on the server; a federated one trains under SA-DQC."""
+    """A statistics generator is fitted on the server; a federated one trains under SA-DQC, one
+    stage per phase; a refiner of a coarse model (hhg) gets the generator before it attached."""
     if model.kind == ModelKind.STATISTICS_GENERATOR:  # measured and fitted on the server, no rounds
         return [Stage(model, spec, 0, model.registry_name, budget_share=share)]
+    coarse = ctx.table if getattr(model, "refines_coarse", False) else None
+    if coarse is not None:
+        model.attach_coarse(coarse)
     controller = SADQC(
         SADQCConfig(**ctx.settings.sadqc.model_dump(exclude={"contamination"})), stage=model.registry_name
     )
     wire_statistics = _encoded_statistics(type(model), ctx.handshake)
-    return [
-        Stage(
-            model,
-            spec,
-            spec.rounds,
-            model.registry_name,
-            budget_share=share,
-            quality=table_quality(model, ctx.handshake, ctx.settings),
-            controller=controller,
-            late_config=lambda: {"statistics": wire_statistics},
+    settings = ctx.settings
+
+    @functools.cache
+    def stand_ins() -> bytes:  # samples of the coarse DP model: post-processing, no record in them
+        rows = coarse.sample(settings.export.round_sample_rows, seed=settings.federation.seed)
+        return encode_stand_ins(ctx.encoder.transform(rows))
+
+    def late_config() -> dict[str, Any]:
+        return {"statistics": wire_statistics, **({"stand_ins": stand_ins()} if coarse is not None else {})}
+
+    stages, done = [], 0
+    for phase, rounds in spec.phase_rounds(type(model).phases):
+        stages.append(
+            Stage(
+                model,
+                spec,
+                rounds,
+                f"{model.registry_name} {phase}".strip(),
+                phase,
+                done,
+                budget_share=share,
+                quality=table_quality(model, ctx.handshake, ctx.settings),
+                controller=controller,
+                late_config=late_config,
+            )
         )
-    ]
+        done += rounds
+    return stages
 
 
 def _round_stages(spec: StageSpec, model: Any, share: float, ctx: _Context) -> list[Stage]:
@@ -241,9 +261,9 @@ def plan_stages(settings: RunSettings, encoder: TabularEncoder, handshake: Hands
     run = PlannedRun(None, None, [], [])
     for spec, share in zip(settings.stages, budget_shares(settings), strict=True):
         model = build_model(spec.model, encoder, settings)
-        if model.kind in STATIC_GENERATOR_KINDS:
-            ctx.table = run.table = model
+        if model.kind in STATIC_GENERATOR_KINDS:  # a refiner sees the generator before it as ctx.table
             run.stages += _static_stages(spec, model, share, ctx)
+            ctx.table = run.table = model
             continue
         if model.kind == ModelKind.SEQUENCE_GENERATOR:
             run.sequence = model

@@ -141,6 +141,7 @@ def write_report(
     ledger: Sequence[Any],
     decisions: Sequence[Any],
     gates: GateThresholds | None = None,
+    risk_evaluation: Mapping[str, Any] | None = None,
 ) -> ReportResult:
     """Write `report.json` and `report.html` into `out_dir` (each atomically); return the verdict.
 
@@ -150,6 +151,8 @@ def write_report(
     one dict per hospital (and attack) with DCRResult / AttackResult fields plus `hospital`.
     ledger: one dict per hospital (scalars, optional `entries` list of charges). decisions:
     `SADQC.decisions()`. Gates are evaluated on the pooled rows and per hospital (`evaluate_gates`).
+    risk_evaluation: the hospitals' DP evaluation of the risk models (`server.risk_evaluation`), once
+    it has run; it informs and does not gate.
     """
     gates = gates or GateThresholds()
     out_dir = Path(out_dir)
@@ -178,6 +181,7 @@ def write_report(
             "privacy": {"dcr": dcr_rows, "attacks": attack_rows},
             "ledger": ledger_rows,
             "sadqc": {"decisions": decision_rows},
+            "risk_models": dict(risk_evaluation or {}),
         }
     )
     html_text = render_html(doc, schema, gate_results, passed)

@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import html
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from configs.schema import CohortSchema
+from server.report_blocks import html_img, html_page, html_table
 from server.report_gates import GateResult, finite
 from server.report_plots import dcr_png, heatmap_png, marginal_png, roc_png, timeline_png
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
-h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.6em; }
-table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; }
-tr.pass td:last-child, span.pass { color: #1a7f37; font-weight: bold; }
-tr.fail td:last-child, span.fail { color: #b42318; font-weight: bold; }
-tr.rollback { background: #fdecea; } tr.accept { background: #edf7ee; } tr.filter { background: #eef3fb; }
-.grid { display: flex; flex-wrap: wrap; gap: 0.6em; }
-.banner { font-size: 1.3em; padding: 0.4em 0.8em; display: inline-block; border-radius: 4px; }
-.banner.pass { background: #edf7ee; } .banner.fail { background: #fdecea; }
-.note { color: #555; font-size: 0.9em; }
-"""
+from server.report_risk import risk_section
 
 _DCR_KEYS = [
     "hospital", "score", "closer_to_training", "closest_bin_members", "closest_bin_nonmembers",
@@ -40,43 +24,6 @@ _HEADLINE_SCORES = ("overall", "column_shape", "pair_trends", "violations_rate")
 
 
 # ---------------------------------------------------------------------------- helpers
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool | np.bool_):
-        return "yes" if value else "no"
-    if isinstance(value, float | np.floating):
-        if not math.isfinite(value):
-            return "–"
-        return f"{value:.4g}"
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) or "–"
-    if isinstance(value, list | tuple):
-        return ", ".join(_fmt(v) for v in value) or "–"
-    return str(value)
-
-
-def _table(
-    headers: Sequence[str],
-    rows: Iterable[Sequence[Any]],
-    *,
-    element_id: str | None = None,
-    row_classes: Sequence[str] | None = None,
-) -> str:
-    ident = f' id="{html.escape(element_id)}"' if element_id else ""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{html.escape(row_classes[i])}"' if row_classes else ""
-        cells = "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row)
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _img(b64: str, alt: str) -> str:
-    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
-
-
 # ---------------------------------------------------------------------------- sections
 def _header(doc: Mapping[str, Any], passed: bool) -> str:
     verdict = "PASS" if passed else "FAIL"
@@ -88,7 +35,7 @@ def _header(doc: Mapping[str, Any], passed: bool) -> str:
 
 
 def _gates_section(gate_results: list[GateResult]) -> str:
-    table = _table(
+    table = html_table(
         ["gate", "worst value", "threshold", "worst at", "result"],
         [
             [g.name, g.value, f"{g.comparator} {g.threshold:g}", g.worst, "PASS" if g.passed else "FAIL"]
@@ -113,10 +60,10 @@ def _score_tables(scores: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
     headline = {k: scores.get(k) for k in _HEADLINE_SCORES}
     if any(v is not None for v in headline.values()):
-        out.append(_table(list(headline), [list(headline.values())]))
+        out.append(html_table(list(headline), [list(headline.values())]))
     extra = {k: v for k, v in scores.items() if k not in {*headline, "per_column", "per_pair"}}
     if extra:
-        out.append(_table(["item", "value"], [[k, v] for k, v in extra.items()]))
+        out.append(html_table(["item", "value"], [[k, v] for k, v in extra.items()]))
     return out
 
 
@@ -127,31 +74,35 @@ def _quality_section(quality: Mapping[str, Any], schema: CohortSchema) -> str:
     out.append("<h3>Column marginals</h3><div class='grid'>")
     for spec in schema.columns:
         score = finite(per_column.get(spec.name))
-        out.append(_img(marginal_png(spec, quality["marginals"][spec.name], score), f"marginal {spec.name}"))
+        out.append(
+            html_img(marginal_png(spec, quality["marginals"][spec.name], score), f"marginal {spec.name}")
+        )
     out.append("</div><h3>Association differences</h3>")
     out.append(
         "<p class='note'>Synthetic minus DP-reference association per column pair: Pearson's r for "
         "two numeric columns, Cramér's V otherwise (both from the pair tables on public bins).</p>"
     )
-    out.append(_img(heatmap_png(schema, quality.get("pair_differences") or {}), "association differences"))
+    out.append(
+        html_img(heatmap_png(schema, quality.get("pair_differences") or {}), "association differences")
+    )
     out.append("</section>")
     return "".join(out)
 
 
 def _privacy_section(privacy: Mapping[str, Any]) -> str:
     out = ['<section id="privacy"><h2>Privacy audit</h2><h3>Distance to closest record</h3>']
-    out.append(_table(_DCR_KEYS, [[d.get(k) for k in _DCR_KEYS] for d in privacy["dcr"]]))
+    out.append(html_table(_DCR_KEYS, [[d.get(k) for k in _DCR_KEYS] for d in privacy["dcr"]]))
     out.append("<div class='grid'>")
     for entry in privacy["dcr"]:
-        out.append(_img(dcr_png(entry), f"DCR histogram {entry.get('hospital', '?')}"))
+        out.append(html_img(dcr_png(entry), f"DCR histogram {entry.get('hospital', '?')}"))
     out.append("</div><h3>Membership-inference attacks</h3>")
-    out.append(_table(_ATTACK_KEYS, [[a.get(k) for k in _ATTACK_KEYS] for a in privacy["attacks"]]))
+    out.append(html_table(_ATTACK_KEYS, [[a.get(k) for k in _ATTACK_KEYS] for a in privacy["attacks"]]))
     # One ROC figure per attack, with a curve for each hospital it was run against.
     by_name: dict[str, list[dict[str, Any]]] = {}
     for entry in privacy["attacks"]:
         by_name.setdefault(str(entry.get("name", "?")), []).append(entry)
     for name, curves in sorted(by_name.items()):
-        out.append(_img(roc_png(name, curves), f"ROC {name}"))
+        out.append(html_img(roc_png(name, curves), f"ROC {name}"))
     out.append("</section>")
     return "".join(out)
 
@@ -165,13 +116,13 @@ def _ledger_html(ledger: list[dict[str, Any]]) -> str:
         for key, value in entry.items():
             if not isinstance(value, list | dict) and key not in scalar_keys:
                 scalar_keys.append(key)
-    parts = [_table(scalar_keys, [[e.get(k) for k in scalar_keys] for e in ledger])]
+    parts = [html_table(scalar_keys, [[e.get(k) for k in scalar_keys] for e in ledger])]
     for entry in ledger:
         charges = entry.get("entries")
         if isinstance(charges, list) and charges:
             keys = list(dict.fromkeys(k for c in charges for k in c))
             parts.append(f"<h3>charges: {html.escape(str(entry.get('hospital', '?')))}</h3>")
-            parts.append(_table(keys, [[c.get(k) for k in keys] for c in charges]))
+            parts.append(html_table(keys, [[c.get(k) for k in keys] for c in charges]))
     return "".join(parts)
 
 
@@ -182,7 +133,7 @@ def _ledger_section(ledger: list[dict[str, Any]]) -> str:
 
 
 def _decisions_table(decisions: list[Mapping[str, Any]]) -> str:
-    return _table(
+    return html_table(
         ["round", "stage", "action", "overall", "threshold", "best round", "adjustments", "reason"],
         [
             [
@@ -206,7 +157,7 @@ def _sadqc_section(decisions: list[Mapping[str, Any]]) -> str:
     out = ['<section id="sadqc"><h2>SA-DQC decisions</h2>']
     timeline = timeline_png(decisions)
     if timeline:
-        out.append(_img(timeline, "SA-DQC timeline"))
+        out.append(html_img(timeline, "SA-DQC timeline"))
     if decisions:
         out.append(_decisions_table(decisions))
     else:
@@ -225,12 +176,9 @@ def render_html(
             _gates_section(gate_results),
             _quality_section(doc["quality"], schema),
             _privacy_section(doc["privacy"]),
+            risk_section(doc.get("risk_models") or {}, schema.column(schema.label_column).categories or ()),
             _ledger_section(doc["ledger"]),
             _sadqc_section(doc["sadqc"]["decisions"]),
         ]
     )
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        "<title>MindFed audit report</title>"
-        f"<style>{_CSS}</style></head><body>{body}</body></html>\n"
-    )
+    return html_page("MindFed audit report", body)

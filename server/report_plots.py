@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ def _figure_tools() -> tuple[Any, Any]:
     return Figure, FigureCanvasAgg
 
 
-def _png(draw: Callable[[Any], None], size: tuple[float, float]) -> str:
+def png_of(draw: Callable[[Any], None], size: tuple[float, float]) -> str:
     """Draw on a fresh Agg figure (no pyplot state) and return it as a base64 PNG."""
     figure_cls, canvas_cls = _figure_tools()
     fig = figure_cls(figsize=size, dpi=_DPI, layout="constrained")
@@ -37,29 +37,44 @@ def _png(draw: Callable[[Any], None], size: tuple[float, float]) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+_SERIES_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+
+
 def marginal_png(spec: ColumnSpec, entry: dict[str, Any], score: float | None) -> str:
     """One column's DP-reference vs synthetic shares (bars if categorical, steps if numeric)."""
+    title = spec.name if score is None else f"{spec.name} (shape {score:.3f})"
+    series = {"DP reference": entry["reference"], "synthetic": entry["synthetic"]}
+    return shares_png(spec, series, title=title, cells=entry.get("cells"))
+
+
+def shares_png(
+    spec: ColumnSpec, series: Mapping[str, Sequence[float]], *, title: str, cells: Sequence[str] | None = None
+) -> str:
+    """One column's shares of rows per cell, one series per table; the first is the reference."""
 
     def draw(fig: Any) -> None:
         ax = fig.add_subplot()
-        ref, syn = np.asarray(entry["reference"]), np.asarray(entry["synthetic"])
+        width = 0.8 / max(len(series), 1)
+        for i, (label, shares) in enumerate(series.items()):
+            values, colour = np.asarray(shares, dtype=np.float64), _SERIES_COLOURS[i % len(_SERIES_COLOURS)]
+            if spec.is_categorical:
+                x = np.arange(len(values))
+                ax.bar(x - 0.4 + width * (i + 0.5), values, width=width, label=label, color=colour)
+            elif i == 0:
+                ax.stairs(values, spec.bin_edges(), label=label, color=colour, fill=True, alpha=0.35)
+            else:
+                ax.stairs(values, spec.bin_edges(), label=label, color=colour, linewidth=1.8)
         if spec.is_categorical:
-            x = np.arange(len(ref))
-            ax.bar(x - 0.2, ref, width=0.4, label="DP reference", color="#4c72b0")
-            ax.bar(x + 0.2, syn, width=0.4, label="synthetic", color="#dd8452")
-            ax.set_xticks(x, entry["cells"], rotation=30, ha="right", fontsize=7)
+            labels = list(cells) if cells is not None else list(spec.categories or ())
+            ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         else:
-            edges = spec.bin_edges()
-            ax.stairs(ref, edges, label="DP reference", color="#4c72b0", fill=True, alpha=0.35)
-            ax.stairs(syn, edges, label="synthetic", color="#dd8452", linewidth=1.8)
             ax.set_xlabel(spec.unit or spec.name, fontsize=8)
-        title = spec.name if score is None else f"{spec.name} (shape {score:.3f})"
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("share of rows", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
 
-    return _png(draw, (3.6, 2.7))
+    return png_of(draw, (3.6, 2.7))
 
 
 def _difference_matrix(names: list[str], pair_differences: Mapping[str, float]) -> np.ndarray:
@@ -73,7 +88,13 @@ def _difference_matrix(names: list[str], pair_differences: Mapping[str, float]) 
     return matrix
 
 
-def heatmap_png(schema: CohortSchema, pair_differences: Mapping[str, float]) -> str:
+def heatmap_png(
+    schema: CohortSchema,
+    pair_differences: Mapping[str, float],
+    *,
+    title: str = "association difference (Pearson r / Cramér's V)",
+    colorbar_label: str = "synthetic - reference association",
+) -> str:
     """Synthetic minus reference association per column pair, on a symmetric colour scale."""
     names = schema.column_names
     matrix = _difference_matrix(names, pair_differences)
@@ -92,13 +113,19 @@ def heatmap_png(schema: CohortSchema, pair_differences: Mapping[str, float]) -> 
             for j in range(len(names)):
                 if np.isfinite(matrix[i, j]):
                     ax.text(j, i, f"{matrix[i, j]:+.2f}", ha="center", va="center", fontsize=6.5)
-        fig.colorbar(image, ax=ax, label="synthetic - reference association")
-        ax.set_title("association difference (Pearson r / Cramér's V)", fontsize=9)
+        fig.colorbar(image, ax=ax, label=colorbar_label)
+        ax.set_title(title, fontsize=9)
 
-    return _png(draw, (7.0, 5.8))
+    return png_of(draw, (7.0, 5.8))
 
 
-def dcr_png(entry: Mapping[str, Any]) -> str:
+def dcr_png(
+    entry: Mapping[str, Any],
+    *,
+    labels: tuple[str, str] = ("members", "held out (non-members)"),
+    xlabel: str = "distance bin to the synthetic sample (nearest on the right)",
+    ylabel: str = "share of patients (noisy)",
+) -> str:
     """Members' and held-out patients' shares per distance bin (noisy), nearest bin on the right."""
     members = np.asarray(entry.get("members_share", ()), dtype=np.float64)
     holdout = np.asarray(entry.get("nonmembers_share", ()), dtype=np.float64)
@@ -107,30 +134,31 @@ def dcr_png(entry: Mapping[str, Any]) -> str:
         ax = fig.add_subplot()
         if members.size >= 2 and members.size == holdout.size:
             edges = np.arange(members.size + 1)
-            ax.stairs(members, edges, label="members", color="#c44e52", linewidth=1.6)
-            ax.stairs(holdout, edges, label="held out (non-members)", color="#4c72b0", linewidth=1.6)
+            ax.stairs(members, edges, label=labels[0], color="#c44e52", linewidth=1.6)
+            ax.stairs(holdout, edges, label=labels[1], color="#4c72b0", linewidth=1.6)
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no histogram", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("distance bin to the synthetic sample (nearest on the right)", fontsize=8)
-        ax.set_ylabel("share of patients (noisy)", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         score = finite(entry.get("score"))
         suffix = "" if score is None else f" (protection {score:.3f})"
         ax.set_title(f"DCR: {entry.get('hospital', '?')}{suffix}", fontsize=9)
         ax.tick_params(labelsize=7)
 
-    return _png(draw, (4.2, 2.9))
+    return png_of(draw, (4.2, 2.9))
 
 
 def _roc_curves(linear: Any, low: Any, curves: list[Mapping[str, Any]]) -> None:
-    """One line per hospital on both axes; curves without a usable ROC are left out."""
+    """One line per hospital (or `label`) on both axes; curves without a usable ROC are left out."""
     for entry in curves:
         fpr = np.asarray(entry.get("roc_fpr", ()), dtype=np.float64)
         tpr = np.asarray(entry.get("roc_tpr", ()), dtype=np.float64)
         if fpr.size == 0 or fpr.size != tpr.size:
             continue
         auc = finite(entry.get("auc"))
-        label = f"{entry.get('hospital', '?')}" + ("" if auc is None else f" (AUC {auc:.3f})")
+        name = entry.get("label", entry.get("hospital", "?"))
+        label = f"{name}" + ("" if auc is None else f" (AUC {auc:.3f})")
         linear.plot(fpr, tpr, linewidth=1.5, label=label)
         positive = fpr > 0  # the log axis cannot show FPR 0
         low.plot(fpr[positive], tpr[positive], linewidth=1.5)
@@ -156,7 +184,7 @@ def roc_png(name: str, curves: list[Mapping[str, Any]]) -> str:
             ax.tick_params(labelsize=7)
         linear.legend(fontsize=7, loc="lower right")
 
-    return _png(draw, (7.6, 3.2))
+    return png_of(draw, (7.6, 3.2))
 
 
 _ACTION_STYLES = {"accept": ("o", "#55a868"), "keep": ("s", "#8c8c8c"), "rollback": ("X", "#c44e52")}
@@ -198,4 +226,4 @@ def timeline_png(decisions: list[Mapping[str, Any]]) -> str | None:
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
 
-    return _png(draw, (6.4, 3.0))
+    return png_of(draw, (6.4, 3.0))

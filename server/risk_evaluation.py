@@ -150,9 +150,3 @@ def evaluate_at_hospitals(
                 row["macro_f1"],
             )
     return {"rows": rows, "ledger": answers.ledgers, "refusals": answers.refusals}
-
-
-def latest_ledgers(earlier: list[dict[str, Any]], later: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per hospital, its ledger row from `later` where there is one, else from `earlier`."""
-    rows = {row["hospital"]: row for row in earlier} | {row["hospital"]: row for row in later}
-    return [rows[h] for h in sorted(rows)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from configs.settings import RunSettings, format_overrides, load_settings
+from configs.settings import RunSettings, RuntimeSettings, format_overrides, load_settings
 from models.statistics import column_shape_vs_real, mean_score
 from privacy.storage import atomic_write_text
 from simulation.cohort import DemoCohort, write_cohort_folder
@@ -43,6 +44,28 @@ def prepare_demo_cohort(settings: RunSettings, cohort_dir: Path) -> DemoCohort:
     return cohort
 
 
+def client_resources(runtime: RuntimeSettings, hospitals: int, *, cpus: int, gpus: int) -> dict[str, float]:
+    """Ray's resources per simulated client: its torch threads in CPUs, and a GPU share when one is
+    visible and `runtime.device` is not "cpu" (0 GPU otherwise)."""
+    # More CPUs than the machine has would leave every client unplaceable.
+    num_cpus = max(1, min(runtime.threads_per_client, cpus))
+    if gpus < 1 or runtime.device == "cpu":
+        return {"num_cpus": float(num_cpus), "num_gpus": 0.0}
+    # Clients that can run at once (the CPUs allow no more), spread evenly over the GPUs; the share
+    # is rounded down to Ray's 1e-4 resource grain so that 1 / share whole clients fit on a GPU.
+    concurrent = max(1, min(hospitals, cpus // num_cpus))
+    per_gpu = math.ceil(concurrent / gpus)
+    return {"num_cpus": float(num_cpus), "num_gpus": math.floor(1e4 / per_gpu) / 1e4}
+
+
+def _machine_resources() -> tuple[int, int]:
+    """(CPUs this process may use, CUDA GPUs visible to torch)."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cpus, torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _run_flower_simulation(settings: RunSettings, run_config: dict[str, Any]) -> None:
     """Flower's simulation engine (Ray backend) running our ServerApp and ClientApp."""
     # Flower's public `run_simulation` takes no run config; this is the call its own
@@ -64,13 +87,16 @@ def _run_flower_simulation(settings: RunSettings, run_config: dict[str, Any]) ->
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     fused = get_fused_config_from_dir(PROJECT_DIR, run_config)
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
+    cpus, gpus = _machine_resources()
+    resources = client_resources(settings.runtime, settings.federation.hospitals, cpus=cpus, gpus=gpus)
+    logger.info("simulated clients get %s (%d CPUs, %d GPUs visible)", resources, cpus, gpus)
     _run_simulation(
         num_supernodes=settings.federation.hospitals,
         client_app_attr="client.app:app",
         server_app_attr="server.app:app",
         is_app=True,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "client_resources": resources,
             "init_args": {"logging_level": "ERROR", "log_to_driver": True},
         },
         app_dir=str(PROJECT_DIR),

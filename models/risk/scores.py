@@ -19,8 +19,9 @@ def recall_at_precision(truth: np.ndarray, scores: np.ndarray, precision: float 
 
 
 def risk_scores(probabilities: np.ndarray, truth: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Macro-F1, the last class's F1 (the one to flag, e.g. "high"), its recall at 90% precision,
-    one-vs-rest AUROC over the classes present, and the multi-class Brier score.
+    """Macro-F1, the last class's F1 (the one to flag, e.g. "high"), its recall at 90% precision and
+    its own AUROC against the rest, one-vs-rest AUROC over the classes present, and the multi-class
+    Brier score.
 
     Args:
         probabilities: (rows, n_classes), rows summing to 1.
@@ -36,6 +37,9 @@ def risk_scores(probabilities: np.ndarray, truth: np.ndarray, n_classes: int) ->
         else float("nan"),
         "macro_f1": float(f1_score(truth, predicted, average="macro", labels=range(n_classes))),
         "high_risk_f1": float(f1_score(truth == flagged, predicted == flagged)),
+        "high_risk_auroc": float(roc_auc_score(truth == flagged, probabilities[:, flagged]))
+        if 0 < (truth == flagged).sum() < len(truth)
+        else float("nan"),
         "high_risk_recall_at_90_precision": recall_at_precision(truth == flagged, probabilities[:, flagged]),
         "brier": float(np.mean(np.sum((probabilities - onehot) ** 2, axis=1))),
     }

@@ -25,7 +25,7 @@ from models.sequence.losses import (
 from models.sequence.moments import MOMENT_BLOCKS, SequenceMoments, release_noisy_moments
 from models.sequence.networks import _AutoEncoder, _frozen, _SupervisorAndPrior
 from models.sequence.stand_ins import checked_stand_ins
-from privacy.dp_training import DPSpec, add_proximal_pull, dp_training
+from privacy.dp_training import DPSpec, add_proximal_pull, dp_training, through_private
 from privacy.facade import opacus_steps_per_epoch
 from privacy.ledger import PrivacyLedger
 
@@ -385,39 +385,34 @@ class PhaseTraining:
         prior: nn.Module,
     ) -> tuple[float, float]:
         """Post-processing update: every loss reaches real data only through DP-trained modules."""
-        hooks = hasattr(discriminator, "disable_hooks")
-        if hooks:  # D is not updated here: no per-sample gradients needed
-            discriminator.disable_hooks()
-        opt_g.zero_grad(set_to_none=True)
-        e_hat = self.generator(self._noise(len(cond), noise_gen, cond.device), cond)
-        h_hat = self.supervisor(e_hat)
-        latent = h_hat if self.config.through_supervisor else e_hat
-        x_hat = self.recovery(latent)
-        adversarial = _per_record_bce(discriminator(latent, cond).squeeze(-1), 1.0).mean()
-        adversarial_e = (
-            _per_record_bce(discriminator(e_hat, cond).squeeze(-1), 1.0).mean()
-            if self.config.through_supervisor
-            else 0.0
-        )
-        # h_hat = S(e_hat) is the supervisor's next-day prediction: generated latents should
-        # follow the dynamics the DP-trained supervisor learned from real embeddings.
-        supervised = F.mse_loss(h_hat[:, :-1], e_hat[:, 1:])
-        # The link: for its (stand-in) profile a generated week's channel means should sit where
-        # the DP-trained prior puts real weeks with that profile (post-processing of a DP module).
-        with torch.no_grad():
-            expected = prior(cond)
-        moments = _moments_loss(x_hat, target)
-        link = _link_loss(x_hat.mean(dim=1) / target["sd"], expected / target["sd"], cond)
-        loss = (
-            self.config.link_weight * link
-            + adversarial
-            + self.config.gamma * adversarial_e
-            + self.config.supervised_weight * supervised
-            + self.config.moments_weight * moments
-        )
-        loss.backward()
-        opt_g.step()
-        opt_d.zero_grad(set_to_none=True)  # drop D's gradients from this pass
-        if hooks:
-            discriminator.enable_hooks()
+        with through_private(discriminator, opt_d):
+            opt_g.zero_grad(set_to_none=True)
+            e_hat = self.generator(self._noise(len(cond), noise_gen, cond.device), cond)
+            h_hat = self.supervisor(e_hat)
+            latent = h_hat if self.config.through_supervisor else e_hat
+            x_hat = self.recovery(latent)
+            adversarial = _per_record_bce(discriminator(latent, cond).squeeze(-1), 1.0).mean()
+            adversarial_e = (
+                _per_record_bce(discriminator(e_hat, cond).squeeze(-1), 1.0).mean()
+                if self.config.through_supervisor
+                else 0.0
+            )
+            # h_hat = S(e_hat) is the supervisor's next-day prediction: generated latents should
+            # follow the dynamics the DP-trained supervisor learned from real embeddings.
+            supervised = F.mse_loss(h_hat[:, :-1], e_hat[:, 1:])
+            # The link: for its (stand-in) profile a generated week's channel means should sit where
+            # the DP-trained prior puts real weeks with that profile (post-processing of a DP module).
+            with torch.no_grad():
+                expected = prior(cond)
+            moments = _moments_loss(x_hat, target)
+            link = _link_loss(x_hat.mean(dim=1) / target["sd"], expected / target["sd"], cond)
+            loss = (
+                self.config.link_weight * link
+                + adversarial
+                + self.config.gamma * adversarial_e
+                + self.config.supervised_weight * supervised
+                + self.config.moments_weight * moments
+            )
+            loss.backward()
+            opt_g.step()
         return float(loss.detach()), float(moments.detach())

@@ -91,6 +91,24 @@ def test_header_cells_from_the_file_stay_local(folder: Path, schema: CohortSchem
     assert SECRET_VALUE not in reason
 
 
+@pytest.mark.parametrize(
+    ("header", "problem_class"),
+    [
+        (lambda h: h.replace(",", ";") + f";{SECRET_VALUE}", "not comma-separated"),
+        (lambda h: h + f",{SECRET_VALUE}\x00", "NUL character"),
+    ],
+)
+def test_file_problems_named_by_header_cells_keep_them_local(
+    folder: Path, schema: CohortSchema, header, problem_class: str
+) -> None:
+    static = folder / "static.csv"
+    lines = lines_of(static)
+    static.write_text("\n".join([header(lines[0]), *lines[1:]]) + "\n", encoding="utf-8")
+    reason = public_reason(_error(folder, schema), HOSPITAL)
+    assert f"static.csv, line 1: {problem_class}" in reason, reason
+    assert SECRET_VALUE not in reason
+
+
 def test_missing_folder_does_not_send_its_path(tmp_path: Path, schema: CohortSchema) -> None:
     missing = tmp_path / "private-share" / "no-such-cohort"
     reason = public_reason(_error(missing, schema), HOSPITAL)
@@ -115,7 +133,7 @@ def test_a_megabyte_cell_gives_a_short_reason(folder: Path, schema: CohortSchema
     err = _error(folder, schema)
     reason = public_reason(err, HOSPITAL)
     assert len(reason) < 300, reason
-    assert "static.csv, line 6, column 'gender': unknown category" in reason
+    assert "static.csv, line 6, column 'gender': cell too long" in reason
     assert len(local_detail(err)) < 4000 + len(str(folder))
 
 

@@ -17,6 +17,7 @@ from server.plan import audit_budget_share, budget_shares, evaluation_budget_sha
 ROOT = Path(__file__).resolve().parents[2]
 CTGAN = {"model": "dp-ctgan", "rounds": 2, "epsilon_share": 0.4}
 TIMEGAN = {"model": "timegan", "phases": {"embedding": 1, "joint": 1}, "epsilon_share": 0.4}
+HHG = {"model": "hhg", "phases": {"vae": 1, "diffusion": 1, "refine": 1}, "epsilon_share": 0.1}
 
 
 def test_the_default_plan_is_todays_run() -> None:
@@ -57,6 +58,11 @@ def test_a_whole_plan_replaces_the_default() -> None:
     assert plan_releases(s) == ["numeric-moments"]
 
 
+def test_a_refiner_may_follow_the_coarse_static_generator() -> None:
+    s = load_settings(None, {"stages": [{"model": "pgm", "epsilon_share": 0.2}, HHG, TIMEGAN]})
+    assert [st.model for st in s.stages] == ["pgm", "hhg", "timegan"]
+
+
 @pytest.mark.parametrize(
     ("stages", "message"),
     [
@@ -69,9 +75,10 @@ def test_a_whole_plan_replaces_the_default() -> None:
         ([{**CTGAN, "rounds": 0}], "rounds must be at least 1"),
         ([CTGAN, {**TIMEGAN, "epsilon_share": 0.0}], "epsilon_share must be above 0 for DP-SGD rounds"),
         ([{**CTGAN, "phases": {"joint": 1}}], "the model has no phases"),
-        ([TIMEGAN], "exactly one static generator stage, got 0"),
+        ([TIMEGAN], "needs one static generator stage (or a coarse one and its refiner), got []"),
         ([TIMEGAN, CTGAN], "stages.0 must be the static generator"),
-        ([CTGAN, CTGAN], "exactly one static generator stage, got 2"),
+        ([CTGAN, {**CTGAN, "model": "pgm", "rounds": 0}], "a second static stage must come right after"),
+        ([{"model": "pgm"}, TIMEGAN, HHG], "a second static stage must come right after the first"),
         ([], "no [[stages]]"),
     ],
 )

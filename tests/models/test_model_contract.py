@@ -22,6 +22,7 @@ from privacy.dp_training import DPSpec
 from privacy.facade import steps_per_epoch
 from privacy.ledger import BudgetExceededError, PrivacyLedger
 from simulation.cohort import generate_demo_cohort
+from tests.support.round_models import TINY
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -37,14 +38,7 @@ N_ROWS = 200
 BATCH = 50
 DELTA = 1e-5
 # Small networks keep every fit well under a second on one CPU thread.
-SMALL = {
-    "embedding_dim": 8,
-    "generator_dims": (16,),
-    "discriminator_dims": (16,),
-    "hidden_dim": 8,
-    "num_layers": 1,
-    "noise_dim": 4,
-}
+SMALL = TINY
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -21,9 +19,10 @@ from privacy.dp_audit import attack_figures, audit_histograms, dcr_protection
 from server.report import GateThresholds, evaluate_gates, write_report
 from server.sadqc import SADQC, score_sample
 from simulation.cohort import generate_demo_cohort
+from tests.support.browser import chromium as _chromium
+from tests.support.browser import needs_chromium
 
 SCHEMA = load_schema()
-CHROMIUM = Path("/usr/bin/chromium")
 EVIL = "<script>alert('x')</script>"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -238,33 +237,6 @@ def test_failing_report_says_fail(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- a real browser renders it
-_CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(CHROMIUM), *_CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-needs_chromium = pytest.mark.skipif(
-    not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None, reason="/usr/bin/chromium not installed"
-)
-
-
 @needs_chromium
 def test_chromium_renders_the_gates_table(passing_report, tmp_path: Path) -> None:
     run = _chromium(["--dump-dom", passing_report.html_path.as_uri()], tmp_path / "profile")

@@ -9,8 +9,9 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from configs import wire
 from models.risk.dp_scores import CONFUSION, FLAGGED, SCORE_EDGES
+from server.audit import latest_ledgers
 from server.report_gates import POOLED
-from server.risk_evaluation import EvaluationAnswers, _reply_tables, evaluation_rows, latest_ledgers
+from server.risk_evaluation import EvaluationAnswers, _reply_tables, evaluation_rows
 
 FOLDERS = ["hybrid-lstm", "gbm-on-synthetic"]
 GOOD = {CONFUSION: np.full((3, 3), 10.0), FLAGGED: np.full((2, len(SCORE_EDGES) + 1), 5.0)}

@@ -79,3 +79,15 @@ def test_each_hospital_scored_every_route_on_its_held_out_patients_under_dp(tiny
     # the card's epsilon per hospital includes the evaluation's charge
     final = {h["hospital"]: h["epsilon"] for h in outcome.metrics["hospitals"]}
     assert final == {ledger["hospital"]: ledger["epsilon"] for ledger in evaluation["ledger"]}
+
+
+def test_the_report_shows_the_hospitals_evaluation_and_keeps_it_for_a_redraw(tiny_recorded_run) -> None:
+    outcome, _ = tiny_recorded_run
+    report = json.loads((outcome.out_dir / "report.json").read_text())
+    assert report["risk_models"]["rows"] == json.loads(json.dumps(outcome.metrics["risk_evaluation"]["rows"]))
+    assert all(row["entries"][-1]["what"] == "risk evaluation" for row in report["ledger"])
+    html = (outcome.out_dir / "report.html").read_text()
+    section = html[html.index('id="risk-models"') :]
+    assert 'id="risk-table"' in section and section.count("data:image/png;base64,") >= 2
+    saved = json.loads((outcome.out_dir / "audit_inputs.json").read_text())
+    assert saved["risk_evaluation"]["rows"] == report["risk_models"]["rows"]
