@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 import zlib
 from collections import OrderedDict
@@ -173,6 +174,7 @@ def train_model(message: Message, context: Context) -> Message:
             cohort, _ = _split_cohort(settings, node)
             ledger = load_ledger(context, node)
             sigma = _noise_plan(context, node, ledger, cohort.n_patients, request, _federation_id(message))
+            started = time.perf_counter()
             new_state, report = train_round(
                 cohort,
                 settings,
@@ -188,7 +190,8 @@ def train_model(message: Message, context: Context) -> Message:
         save_ledger(context, node, ledger)
         # Losses and step counts come from real records: they stay in this hospital's own log.
         logger.info("%s: %s round %d: %s", node.hospital, request.model, request.server_round, report)
-        metrics = {"epsilon": ledger.spent()}
+        seconds = round((time.perf_counter() - started) / wire.TRAIN_SECONDS_STEP) * wire.TRAIN_SECONDS_STEP
+        metrics = {"epsilon": ledger.spent(), wire.TRAIN_SECONDS: seconds}
         content = RecordDict(
             {
                 wire.ARRAYS: ArrayRecord(OrderedDict(new_state)),

@@ -43,6 +43,10 @@ _NODE_INFO = {NODE_INFO: {"hospital": PUBLIC, "schema-hash": PUBLIC}}
 # The ledger's epsilon is the hospital's own accounting of the declared plan. For DP-SGD it also
 # reflects Opacus's sample rate 1 / ceil(n / batch size): n enters only on that coarse grid.
 _EPSILON = {"epsilon": PUBLIC}
+# A round's local training time, to 0.1 s: a function of the node's hardware and its step count,
+# which the ledger's declared sample rate already fixes; no record's value moves it.
+TRAIN_SECONDS = "train-seconds"
+TRAIN_SECONDS_STEP = 0.1
 EGRESS: dict[str, dict[str, dict[str, str]]] = {
     HANDSHAKE: {
         "histograms": {ANY_KEY: DP},
@@ -52,7 +56,7 @@ EGRESS: dict[str, dict[str, dict[str, str]]] = {
         METRICS: {**_EPSILON, "delta": PUBLIC, "max-epsilon": PUBLIC},
         **_NODE_INFO,
     },
-    TRAIN: {ARRAYS: {ANY_KEY: DP}, METRICS: _EPSILON, **_NODE_INFO},
+    TRAIN: {ARRAYS: {ANY_KEY: DP}, METRICS: {**_EPSILON, TRAIN_SECONDS: PUBLIC}, **_NODE_INFO},
     MEASURE: {ARRAYS: {ANY_KEY: DP}, METRICS: {**_EPSILON, "noise-multiplier": PUBLIC}, **_NODE_INFO},
     IDENTIFY: _NODE_INFO,
     AUDIT: {

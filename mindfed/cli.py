@@ -128,6 +128,7 @@ def simulate(
             f"(delta {hospital['delta']:g}), {hospital['rounds_trained']} rounds"
         )
     _print_sequence_and_audit(outcome.metrics)
+    _print_timings(outcome.metrics.get("timings") or {})
     release = outcome.out_dir / outcome.metrics.get("release", {}).get("folder", "")
     console.print(f"  bundle: {release / 'bundle'}   synthetic: {release / 'synthetic'}")
     console.print(f"  report: {outcome.out_dir / 'report.html'}")
@@ -167,6 +168,16 @@ def _print_hospital_evaluation(evaluation: dict) -> None:
                 f"{row['high_risk_auroc']:.3f}, macro-F1 {row['macro_f1']:.3f}, "
                 f"noise sd {row['noise_sd']:.1f}"
             )
+
+
+def _print_timings(timings: dict) -> None:
+    """Per stage: rounds, wall time, and who spent it (server step, slowest hospital, framework)."""
+    for stage, t in timings.items():
+        console.print(
+            f"  {stage}: {t['rounds']:.0f} rounds in {t['seconds']:.1f} s: hospitals' training "
+            f"{t['hospitals_share']:.0%}, server {t['server_share']:.0%}, "
+            f"framework {t['framework_share']:.0%}"
+        )
 
 
 def _print_sequence_and_audit(metrics: dict) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from configs.settings import RunSettings
+from configs.wire import TRAIN_SECONDS
 from mindfed import __version__
 from models.bundle import RISK_BUNDLE, SEQUENCE_BUNDLE, save_bundle
 from models.statistics import Histograms, column_shape_vs_reference, mean_score
@@ -88,9 +89,45 @@ def _round_rows(rounds: list[RoundLog], stage_scores: dict[str, dict[int, float]
             "hospitals": [e["hospital"] for e in log.accepted],
             "rejected": log.rejected,
             "score": stage_scores.get(log.stage, {}).get(log.server_round),
+            **round_timing(log),
         }
         for log in rounds
     ]
+
+
+def round_timing(log: RoundLog) -> dict[str, Any]:
+    """A round's wall time, the server's own step, the slowest hospital's local training (as it
+    reported it, to 0.1 s) and what is left: Flower's messaging, serialisation and waiting."""
+    local = [float(e.get(TRAIN_SECONDS, 0.0)) for e in log.accepted]
+    slowest = max(local, default=0.0)
+    framework = max(log.seconds - log.server_seconds - slowest, 0.0)
+    return {
+        "seconds": log.seconds,
+        "server_seconds": log.server_seconds,
+        "hospital_train_seconds": {
+            e["hospital"]: e[TRAIN_SECONDS] for e in log.accepted if TRAIN_SECONDS in e
+        },
+        "framework_seconds": framework,
+        "framework_share": framework / log.seconds if log.seconds > 0 else None,
+    }
+
+
+def stage_timings(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per stage: rounds, total wall time, and the shares of the server, the slowest hospital and
+    the framework (the run summary prints these)."""
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        stage = out.setdefault(row["stage"], {"rounds": 0, "seconds": 0.0, "server": 0.0, "framework": 0.0})
+        stage["rounds"] += 1
+        stage["seconds"] += row["seconds"]
+        stage["server"] += row["server_seconds"]
+        stage["framework"] += row["framework_seconds"]
+    for stage in out.values():
+        total = stage["seconds"]
+        stage["server_share"] = stage.pop("server") / total if total > 0 else 0.0
+        stage["framework_share"] = stage.pop("framework") / total if total > 0 else 0.0
+        stage["hospitals_share"] = max(1.0 - stage["server_share"] - stage["framework_share"], 0.0)
+    return out
 
 
 def _model_card(
@@ -197,11 +234,13 @@ def export_run(
     atomic_write_with(release_dir / SYNTHETIC_STATIC, lambda tmp: synthetic.to_csv(tmp, index=False))
     if timeseries is not None:
         atomic_write_with(release_dir / SYNTHETIC_TIMESERIES, lambda tmp: timeseries.to_csv(tmp, index=False))
+    round_rows = _round_rows(rounds, stage_scores)
     metrics = {
         "final": final,
         "hospitals": hospitals,
         "handshake_refusals": refusals,
-        "rounds": _round_rows(rounds, stage_scores),
+        "rounds": round_rows,
+        "timings": stage_timings(round_rows),
         "release": {"folder": release_folder, "quarantined": release_folder == QUARANTINE_DIR},
         "risk_models": [
             {"model": r.model.registry_name, "route": r.route, "bundle": r.folder, "seconds": r.seconds}

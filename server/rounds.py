@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,10 +110,14 @@ def run_stage(
     if stage.controller is not None:
         train_config["lr-multiplier"] = float(stage.controller.training_overrides()["lr_multiplier"])
 
+    clock = {"round_started": time.perf_counter(), "scored_in": 0.0}
+
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
+        started = time.perf_counter()
         score = scoring.score(server_round, arrays, strategy, train_config)
+        clock["scored_in"] = time.perf_counter() - started
         scoring.scores[server_round] = score
         logger.info("%s round %d: quality score %.4f", stage.label, server_round, score)
         progress.update(task, advance=1, description=f"{stage.label} round {server_round}: {score:.3f}")
@@ -121,6 +126,11 @@ def run_stage(
     def round_done(server_round: int, next_arrays: ArrayRecord) -> None:
         for log in strategy.rounds:
             log.stage = stage.label
+        now = time.perf_counter()
+        if strategy.rounds and strategy.rounds[-1].server_round == server_round:
+            strategy.rounds[-1].seconds = now - clock["round_started"]
+            strategy.rounds[-1].server_seconds = clock["scored_in"]
+        clock["round_started"] = now
         if after_round is not None:
             best = scoring.best if stage.controller is not None else None
             after_round(stage, server_round, next_arrays, best, strategy.rounds, scoring.scores)

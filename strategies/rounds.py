@@ -18,6 +18,8 @@ class RoundLog:
     stage: str = ""
     rejected: list[dict] = field(default_factory=list)
     aggregated: bool = False
+    seconds: float = 0.0  # the round's wall time at the server, sent to scored
+    server_seconds: float = 0.0  # of which the server's own step: aggregation and SA-DQC's scoring
 
 
 class QuorumError(RuntimeError):

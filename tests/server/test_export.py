@@ -91,6 +91,12 @@ def test_export_run_writes_card_tables_and_metrics(tmp_path: Path, saved_cards) 
         "hospitals": ["a", "b"],
         "rejected": [{"node": 3}],
         "score": 0.8,
+        # timings: none were measured for these hand-made round logs
+        "seconds": 0.0,
+        "server_seconds": 0.0,
+        "hospital_train_seconds": {},
+        "framework_seconds": 0.0,
+        "framework_share": None,
     }
     assert metrics["rounds"][1]["score"] is None
     assert metrics["bundle"] == {"path": "bundle", "encoder_hash": "abc", "files": {"weights": "123"}}

@@ -183,3 +183,18 @@ def test_stages_aggregate_with_fedprox_and_fedadam(
     # FedAdam's server-side step moves TimeGAN elsewhere than FedAvg's average (the same run's).
     ours = (tmp_path / "synthetic" / "timeseries.csv").read_bytes()
     assert ours != (tiny_run.out_dir / "synthetic" / "timeseries.csv").read_bytes()
+
+
+def test_every_round_records_its_timings_and_who_spent_them(tiny_run) -> None:
+    rows = tiny_run.metrics["rounds"]
+    for row in rows:
+        assert row["seconds"] > 0 and 0 <= row["server_seconds"] <= row["seconds"]
+        assert set(row["hospital_train_seconds"]) == set(row["hospitals"])
+        for seconds in row["hospital_train_seconds"].values():  # coarse: whole tenths of a second
+            assert seconds >= 0 and abs(seconds * 10 - round(seconds * 10)) < 1e-6
+        assert 0.0 <= row["framework_share"] <= 1.0
+    timings = tiny_run.metrics["timings"]
+    assert list(timings) == list(dict.fromkeys(row["stage"] for row in rows))
+    for stage in timings.values():
+        shares = stage["hospitals_share"] + stage["server_share"] + stage["framework_share"]
+        assert stage["seconds"] > 0 and shares == pytest.approx(1.0)
