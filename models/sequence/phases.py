@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from models.base import FitReport
+from models.runtime import autocast_for
 from models.sequence.encoder import SequenceEncoder
 from models.sequence.losses import (
     _channel_scale,
@@ -96,7 +97,8 @@ class PhaseTraining:
                 for x, c in session.data_loader:
                     x, c = x.to(device), c.to(device)
                     session.optimizer.zero_grad(set_to_none=True)
-                    per_record = per_record_loss(session.module, x, c)
+                    with autocast_for(device):  # bf16 on CUDA; the loss itself in fp32
+                        per_record = per_record_loss(session.module, x, c).float()
                     # Summed over records: Opacus clips each record's gradient (loss_reduction="sum").
                     per_record.sum().backward()
                     session.optimizer.step()
@@ -353,23 +355,28 @@ class PhaseTraining:
         the conditional link, which is the only way the generator (fed stand-ins) learns it.
         """
         opt_d.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            h_real = self.embedder(x, c)
-            e_hat = self.generator(self._noise(len(x), noise_gen, x.device), c)
-            h_hat = self.supervisor(e_hat) if self.config.through_supervisor else e_hat
-        gamma = self.config.gamma if self.config.through_supervisor else 0.0
-        mismatch = 0.0
-        if self.config.mismatch_weight > 0:
-            c_pub = torch.from_numpy(self.stand_in_conditions(len(x), rng, pool)).to(x.device)
-            mismatch = self.config.mismatch_weight * _per_record_bce(
-                discriminator(h_real, c_pub).squeeze(-1), 0.0
-            )
-        per_record = (
-            mismatch
-            + _per_record_bce(discriminator(h_real, c).squeeze(-1), 1.0)
-            + _per_record_bce(discriminator(h_hat, c).squeeze(-1), 0.0)
-            + gamma * _per_record_bce(discriminator(e_hat, c).squeeze(-1), 0.0)
+        c_pub = (
+            torch.from_numpy(self.stand_in_conditions(len(x), rng, pool)).to(x.device)
+            if self.config.mismatch_weight > 0
+            else None
         )
+        with autocast_for(x.device):  # bf16 on CUDA; the per-record loss in fp32
+            with torch.no_grad():
+                h_real = self.embedder(x, c)
+                e_hat = self.generator(self._noise(len(x), noise_gen, x.device), c)
+                h_hat = self.supervisor(e_hat) if self.config.through_supervisor else e_hat
+            gamma = self.config.gamma if self.config.through_supervisor else 0.0
+            mismatch = 0.0
+            if c_pub is not None:
+                mismatch = self.config.mismatch_weight * _per_record_bce(
+                    discriminator(h_real, c_pub).squeeze(-1).float(), 0.0
+                )
+            per_record = (
+                mismatch
+                + _per_record_bce(discriminator(h_real, c).squeeze(-1).float(), 1.0)
+                + _per_record_bce(discriminator(h_hat, c).squeeze(-1).float(), 0.0)
+                + gamma * _per_record_bce(discriminator(e_hat, c).squeeze(-1).float(), 0.0)
+            )
         per_record.sum().backward()
         opt_d.step()
         return float(per_record.mean().detach()) if len(x) else 0.0
@@ -387,25 +394,26 @@ class PhaseTraining:
         """Post-processing update: every loss reaches real data only through DP-trained modules."""
         with through_private(discriminator, opt_d):
             opt_g.zero_grad(set_to_none=True)
-            e_hat = self.generator(self._noise(len(cond), noise_gen, cond.device), cond)
-            h_hat = self.supervisor(e_hat)
-            latent = h_hat if self.config.through_supervisor else e_hat
-            x_hat = self.recovery(latent)
-            adversarial = _per_record_bce(discriminator(latent, cond).squeeze(-1), 1.0).mean()
-            adversarial_e = (
-                _per_record_bce(discriminator(e_hat, cond).squeeze(-1), 1.0).mean()
-                if self.config.through_supervisor
-                else 0.0
-            )
-            # h_hat = S(e_hat) is the supervisor's next-day prediction: generated latents should
-            # follow the dynamics the DP-trained supervisor learned from real embeddings.
-            supervised = F.mse_loss(h_hat[:, :-1], e_hat[:, 1:])
-            # The link: for its (stand-in) profile a generated week's channel means should sit where
-            # the DP-trained prior puts real weeks with that profile (post-processing of a DP module).
-            with torch.no_grad():
-                expected = prior(cond)
-            moments = _moments_loss(x_hat, target)
-            link = _link_loss(x_hat.mean(dim=1) / target["sd"], expected / target["sd"], cond)
+            with autocast_for(cond.device):  # bf16 on CUDA; every loss below in fp32
+                e_hat = self.generator(self._noise(len(cond), noise_gen, cond.device), cond)
+                h_hat = self.supervisor(e_hat)
+                latent = h_hat if self.config.through_supervisor else e_hat
+                x_hat = self.recovery(latent).float()
+                adversarial = _per_record_bce(discriminator(latent, cond).squeeze(-1).float(), 1.0).mean()
+                adversarial_e = (
+                    _per_record_bce(discriminator(e_hat, cond).squeeze(-1).float(), 1.0).mean()
+                    if self.config.through_supervisor
+                    else 0.0
+                )
+                # h_hat = S(e_hat) is the supervisor's next-day prediction: generated latents should
+                # follow the dynamics the DP-trained supervisor learned from real embeddings.
+                supervised = F.mse_loss(h_hat[:, :-1].float(), e_hat[:, 1:].float())
+                # The link: for its (stand-in) profile a generated week's channel means should sit where
+                # the DP-trained prior puts real weeks with that profile (post-processing of a DP module).
+                with torch.no_grad():
+                    expected = prior(cond).float()
+                moments = _moments_loss(x_hat, target)
+                link = _link_loss(x_hat.mean(dim=1) / target["sd"], expected / target["sd"], cond)
             loss = (
                 self.config.link_weight * link
                 + adversarial

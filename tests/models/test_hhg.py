@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from privacy.dp_training import DPSpec
 from privacy.facade import steps_per_epoch
 from privacy.ledger import PrivacyLedger
 from simulation.cohort import generate_demo_cohort
+from tests.support.autocast import bf16_on_cpu
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -269,12 +268,6 @@ def test_bundle_with_a_coarse_model_rebuilds_it(
     pd.testing.assert_frame_equal(loaded.sample(80, seed=2), model.sample(80, seed=2))
 
 
-@contextlib.contextmanager
-def _bf16_on_cpu(device: torch.device) -> Iterator[None]:
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        yield
-
-
 def test_a_dp_training_step_runs_with_bf16_forward_passes(
     trained: HybridGenerator, data: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -282,8 +275,8 @@ def test_a_dp_training_step_runs_with_bf16_forward_passes(
     import models.hhg.networks
     import models.hhg.training
 
-    monkeypatch.setattr(models.hhg.training, "autocast_for", _bf16_on_cpu)
-    monkeypatch.setattr(models.hhg.networks, "autocast_for", _bf16_on_cpu)
+    monkeypatch.setattr(models.hhg.training, "autocast_for", bf16_on_cpu)
+    monkeypatch.setattr(models.hhg.networks, "autocast_for", bf16_on_cpu)
     model = _copy(trained)
     before = model.state_dict()
     ledger = PrivacyLedger(max_epsilon=50.0, delta=1e-5)

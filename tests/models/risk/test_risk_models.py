@@ -3,8 +3,6 @@ bundles, the profile-only variant, DP-SGD's charge, and mixed precision on CPU."
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from models.statistics import histogram_counts
 from privacy.dp_training import DPSpec
 from privacy.ledger import PrivacyLedger
 from simulation.cohort import generate_demo_cohort
+from tests.support.autocast import bf16_on_cpu
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -173,12 +172,6 @@ def test_gbm_cannot_be_a_federated_stage(encoder: TabularEncoder, train: LocalDa
         _build("gbm", encoder).fit_round(train, plan)
 
 
-@contextlib.contextmanager
-def _bf16_on_cpu(device: torch.device) -> Iterator[None]:
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        yield
-
-
 @pytest.mark.parametrize("name", FEDERATED)
 def test_a_dp_training_step_runs_with_bf16_forward_passes(
     name: str, encoder: TabularEncoder, train: LocalData, monkeypatch: pytest.MonkeyPatch
@@ -186,7 +179,7 @@ def test_a_dp_training_step_runs_with_bf16_forward_passes(
     """The path CUDA takes (`models.runtime.autocast_for`: bf16 forward, fp32 step), on CPU."""
     import models.risk.neural
 
-    monkeypatch.setattr(models.risk.neural, "autocast_for", _bf16_on_cpu)
+    monkeypatch.setattr(models.risk.neural, "autocast_for", bf16_on_cpu)
     ledger = PrivacyLedger(max_epsilon=5.0, delta=1e-5)
     model = _build(name, encoder)
     before = {k: v.clone() for k, v in model.state_dict().items()}

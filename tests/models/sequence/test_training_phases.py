@@ -23,6 +23,7 @@ from tests.models.sequence.support import (
     _public_moments,
     _states_equal,
 )
+from tests.support.autocast import bf16_on_cpu
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -198,3 +199,23 @@ def test_joint_phase_trains_its_generator_on_the_given_stand_ins(
     assert not torch.equal(results[0], results[1])
     with pytest.raises(ValueError, match="stand-in profiles must have shape"):
         _fit(trained, weeks, cond, "joint", stand_ins=np.zeros((4, trained.cond_dim + 1)))
+
+
+def test_every_phase_trains_under_dp_with_bf16_forward_passes(
+    encoder: TabularEncoder, weeks: np.ndarray, cond: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path CUDA takes (`models.runtime.autocast_for`: bf16 forward, fp32 losses and step)."""
+    import models.sequence.phases
+
+    monkeypatch.setattr(models.sequence.phases, "autocast_for", bf16_on_cpu)
+    model = TimeGAN(encoder, SMALL)
+    ledger = PrivacyLedger(max_epsilon=50.0, delta=DELTA)
+    dp = DPSpec(noise_multiplier=SIGMA, clipping_norm=1.0, ledger=ledger)
+    for phase in PHASES:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        report = _fit(model, weeks, cond, phase, dp=dp)
+        after = model.state_dict()
+        assert all(v.dtype == before[k].dtype for k, v in after.items())  # fp32 master weights
+        assert any(not torch.equal(v, before[k]) for k, v in after.items()), phase
+        assert all(np.isfinite(v) for v in report.as_metrics().values()), phase
+    assert ledger.spent() > 0
