@@ -31,12 +31,12 @@ from models.releases.sequence import SEQUENCE_MOMENTS
 from models.sequence.encoder import SequenceEncoder
 from models.sequence.moments import SequenceMoments
 from models.sequence.timegan import TimeGAN
-from models.sequence_metrics import DEFAULT_LINK_PAIRS, evaluate_sequences
+from models.sequence_metrics import evaluate_sequences
 from models.statistics import histogram_counts, merge_histograms
 from privacy.dp_training import DPSpec
 from privacy.facade import steps_per_epoch
 from privacy.ledger import PrivacyLedger
-from simulation.cohort import generate_demo_cohort
+from simulation.cohort import DEMO_LINK_PAIRS, generate_demo_cohort
 from simulation.partition import partition_cohort
 
 SETTINGS = load_settings()
@@ -203,7 +203,13 @@ def main() -> None:
     for name, profiles in (("real profiles", static), ("shuffled profiles", shuffled)):
         syn = global_model.sample_encoded(encoder.transform(profiles), seed=11)
         rows[name] = evaluate_sequences(
-            real, syn, channels=seq.channels, seed=0, real_static=static, syn_static=static
+            real,
+            syn,
+            channels=seq.channels,
+            seed=0,
+            real_static=static,
+            syn_static=static,
+            pairs=DEMO_LINK_PAIRS,
         )
     # The rhythm the generator is asked to match: real (exact), the DP target, generated.
     generated = global_model.sample_encoded(encoder.transform(static), seed=11)
@@ -228,7 +234,7 @@ def main() -> None:
             prior = global_model.embedder.prior(torch.from_numpy(encoder.transform(static))).numpy()
         r = {
             f"{col}~{ch}": np.corrcoef(static[col].astype(float), prior[:, seq.channels.index(ch)])[0, 1]
-            for col, ch in DEFAULT_LINK_PAIRS
+            for col, ch in DEMO_LINK_PAIRS
         }
         print("prior r:", {k: round(float(v), 2) for k, v in r.items()})
     keys = ["ks-mean", "discriminative", "predictive-mae", "autocorr-diff", "link-max-diff"]

@@ -162,9 +162,35 @@ class RunSettings(_Section):
         for name in sorted(set(self.model.tables()) - {stage.model for stage in self.stages}):
             if name in allowed:  # a registered model's table is checked even when no stage uses it
                 problems += params_problems(name, self.model.params_for(name))
+        problems += self._sequence_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _sequence_problems(self) -> list[str]:
+        """A sequence stage with a schema that declares no [sequence]: refused here, with the way
+        out, rather than by every hospital at the handshake (the moments it would ask for)."""
+        from models.base import ModelKind
+        from models.registry import UnknownModelError, get_model_class
+
+        try:
+            schema = self.load_schema()
+        except ConfigError:
+            return []  # the schema's own problems are reported where it is read
+        if schema.sequence is not None:
+            return []
+        problems = []
+        for stage in self.stages:
+            try:
+                kind = get_model_class(stage.model).kind
+            except UnknownModelError:  # named by plan_problems
+                continue
+            if kind == ModelKind.SEQUENCE_GENERATOR:
+                problems.append(
+                    f"stage '{stage.model}' generates the schema's daily sequence, and {self.schema_path} "
+                    f"declares no [sequence]: leave the stage out (stages.{stage.model}=false) or declare one"
+                )
+        return problems
 
     @property
     def risk_evaluation_share(self) -> float:

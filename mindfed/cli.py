@@ -136,6 +136,8 @@ def simulate(
 
 def _print_demo_utility(check: dict) -> None:
     """The synthetic table against the real demo cohort: SDMetrics quality and TSTR."""
+    if check.get("skipped"):
+        console.print(f"  no demo check: {check['skipped']}")
     quality, utility = check.get("quality"), check.get("train_synthetic_test_real")
     if quality:
         console.print(

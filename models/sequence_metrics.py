@@ -14,16 +14,8 @@ from scipy import stats
 from torch import nn
 from torch.nn import functional as F
 
-# (static numeric column, daily channel) links the demo cohort builds in: distress moves the rhythms.
-DEFAULT_LINK_PAIRS: tuple[tuple[str, str], ...] = (
-    ("dass_depression", "sleep_hours"),
-    ("dass_depression", "steps"),
-    ("dass_anxiety", "resting_hr"),
-    ("dass_stress", "hrv_ms"),
-    ("dass_stress", "stress_score"),
-    ("age", "hrv_ms"),
-    ("bmi", "resting_hr"),
-)
+from configs.schema import CohortSchema
+
 DEFAULT_LAGS: tuple[int, ...] = (1, 2)
 # Share of each class the post-hoc classifier trains on; the rest is the held-out test set.
 _TRAIN_SHARE = 0.8
@@ -263,6 +255,19 @@ def autocorrelation_difference(
 
 
 # ==================================================================== static <-> sequence links
+def link_pairs(schema: CohortSchema) -> tuple[tuple[str, str], ...]:
+    """Every numeric static column with every channel, in schema order (none without a sequence).
+
+    The rule reads the schema alone, never the rows: which links a cohort holds is for the metric to
+    measure, so no pair is chosen by looking at the data, and a spurious link the generator invents
+    between any profile value and any channel shows up as a gap too.
+    """
+    if schema.sequence is None:
+        return ()
+    numeric = [spec.name for spec in schema.columns if not spec.is_categorical]
+    return tuple((column, channel.name) for column in numeric for channel in schema.sequence.channels)
+
+
 def _static_numeric(frame: pd.DataFrame, column: str, side: str) -> np.ndarray:
     if column not in frame.columns:
         raise ValueError(f"{side} static table has no column '{column}'")
@@ -278,7 +283,7 @@ def link_fidelity(
     syn_static: pd.DataFrame,
     syn_seq: np.ndarray,
     *,
-    pairs: Sequence[tuple[str, str]] = DEFAULT_LINK_PAIRS,
+    pairs: Sequence[tuple[str, str]],
     channels: Sequence[str],
 ) -> dict[str, Any]:
     """Per (static column, channel) pair: Pearson r of the column with each patient's weekly mean of
@@ -320,18 +325,22 @@ def evaluate_sequences(
     seed: int,
     real_static: pd.DataFrame | None = None,
     syn_static: pd.DataFrame | None = None,
-    pairs: Sequence[tuple[str, str]] = DEFAULT_LINK_PAIRS,
+    pairs: Sequence[tuple[str, str]] = (),
     discriminative_epochs: int = DISCRIMINATIVE_EPOCHS,
     predictive_epochs: int = PREDICTIVE_EPOCHS,
 ) -> dict[str, float]:
     """Every metric above as one flat {name: float} dict (fits a Flower MetricRecord), with the counts
     that let a server merge hospitals: weeks on each side, test counts and error sums.
 
-    Link metrics need both static tables; without them they are left out.
+    Link metrics need both static tables and the (column, channel) pairs to score, e.g.
+    `link_pairs(schema)`; without the tables they are left out.
     """
     if (real_static is None) != (syn_static is None):
         # One side alone would silently drop the link metrics: almost surely a wiring mistake.
         raise ValueError("pass both static tables (link metrics) or neither")
+    if real_static is not None and not pairs:
+        # No default: pairs named after one cohort's columns fail on every other schema.
+        raise ValueError("static tables need the link pairs to score, e.g. link_pairs(schema)")
     real_seq, syn_seq = _check_sequences(real_seq, syn_seq)
     names = _channel_names(channels, real_seq.shape[2])
     out: dict[str, float] = {"n-real": float(len(real_seq)), "n-synthetic": float(len(syn_seq))}

@@ -176,7 +176,11 @@ def render_html(
             _gates_section(gate_results),
             _quality_section(doc["quality"], schema),
             _privacy_section(doc["privacy"]),
-            risk_section(doc.get("risk_models") or {}, schema.column(schema.label_column).categories or ()),
+            risk_section(
+                doc.get("risk_models") or {},
+                schema.column(schema.label_column).categories or (),
+                schema.label_column,
+            ),
             _ledger_section(doc["ledger"]),
             _sadqc_section(doc["sadqc"]["decisions"]),
         ]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ def confusion_png(row: Mapping[str, Any], classes: Sequence[str]) -> str:
     return png_of(draw, (3.2, 3.0))
 
 
-def roc_calibration_png(rows: Sequence[Mapping[str, Any]]) -> str:
+def roc_calibration_png(rows: Sequence[Mapping[str, Any]], flagged: str) -> str:
     """The flagged class's binned ROC and its calibration (observed share per score bin), one line
     per model and route, pooled over the hospitals."""
 
@@ -50,7 +51,7 @@ def roc_calibration_png(rows: Sequence[Mapping[str, Any]]) -> str:
             calibration.plot(row["calibration_forecast"], observed, marker="o", markersize=3, linewidth=1.2)
         roc.plot([0, 1], [0, 1], color="#999", linestyle=":", linewidth=1)
         calibration.plot([0, 1], [0, 1], color="#999", linestyle=":", linewidth=1)
-        roc.set(xlabel="false positive rate", ylabel="true positive rate", title="high risk vs the rest")
+        roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{flagged} vs the rest")
         calibration.set(
             xlabel="predicted probability (bin centre)", ylabel="observed share", title="calibration"
         )
@@ -63,7 +64,7 @@ def roc_calibration_png(rows: Sequence[Mapping[str, Any]]) -> str:
     return png_of(draw, (8.0, 3.3))
 
 
-def risk_section(evaluation: Mapping[str, Any], classes: Sequence[str]) -> str:
+def risk_section(evaluation: Mapping[str, Any], classes: Sequence[str], label: str) -> str:
     """The section, or a note that the run evaluated no risk model at the hospitals."""
     rows = list(evaluation.get("rows") or [])
     out = ['<section id="risk-models"><h2>Risk models at the hospitals (DP)</h2>']
@@ -74,7 +75,9 @@ def risk_section(evaluation: Mapping[str, Any], classes: Sequence[str]) -> str:
         '<p class="note">Each hospital scored every model on its held-out patients and released the '
         "confusion and flagged-score tables once, with Gaussian noise charged to its ledger; the "
         "figures below are computed from those noisy tables (AUROC and calibration on public score "
-        "bins), pooled by adding the hospitals' tables.</p>"
+        "bins), pooled by adding the hospitals' tables. The high_risk figures are those of the "
+        f"flagged class, the last category of the label: {html.escape(label)} = "
+        f"{html.escape(classes[-1])}.</p>"
     )
     headers = ["model", "route", "hospital", *_COLUMNS, "patients (noisy)", "noise sd per count"]
     table_rows = [
@@ -83,7 +86,7 @@ def risk_section(evaluation: Mapping[str, Any], classes: Sequence[str]) -> str:
     ]
     out.append(html_table(headers, table_rows, element_id="risk-table"))
     pooled = [r for r in rows if r["hospital"] == POOLED]
-    out.append(html_img(roc_calibration_png(pooled), "ROC and calibration of every risk model"))
+    out.append(html_img(roc_calibration_png(pooled, classes[-1]), "ROC and calibration of every risk model"))
     out += [
         html_img(confusion_png(r, classes), f"confusion matrix of {r['model']} ({r['route']})")
         for r in pooled

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from configs.schema import CohortSchema
+from configs.errors import ConfigError
+from configs.schema import DEFAULT_SCHEMA_PATH, CohortSchema, load_schema
 from privacy.storage import atomic_directory
 
 OCCUPATIONS = {
@@ -21,6 +22,18 @@ OCCUPATIONS = {
     "retired": (0.14, (60, 90), 0.70, -0.20),
 }
 GENDERS = (("female", 0.52), ("male", 0.45), ("nonbinary", 0.03))
+# (static numeric column, daily channel) links the generator below builds in directly (distress
+# moves the rhythms), which benchmarks and tests single out. Other pairs correlate through the
+# shared distress too; the metrics of any schema score every pair `link_pairs(schema)` gives.
+DEMO_LINK_PAIRS: tuple[tuple[str, str], ...] = (
+    ("dass_depression", "sleep_hours"),
+    ("dass_depression", "steps"),
+    ("dass_anxiety", "resting_hr"),
+    ("dass_stress", "hrv_ms"),
+    ("dass_stress", "stress_score"),
+    ("age", "hrv_ms"),
+    ("bmi", "resting_hr"),
+)
 
 
 @dataclass(frozen=True)
@@ -197,6 +210,31 @@ def write_cohort_folder(cohort: DemoCohort, folder: Path) -> None:
     with atomic_directory(folder) as staging:
         cohort.static.to_csv(staging / "static.csv", index=False)
         cohort.timeseries.to_csv(staging / "timeseries.csv", index=False)
+
+
+def _layout(schema: CohortSchema) -> tuple[object, ...]:
+    """The names a cohort folder's files carry under `schema` (ranges and length left aside)."""
+    sequence = schema.sequence
+    channels = tuple(c.name for c in sequence.channels) if sequence is not None else None
+    return (
+        schema.id_column,
+        schema.label_column,
+        tuple(schema.column_names),
+        sequence.day_column if sequence is not None else None,
+        channels,
+    )
+
+
+def require_demo_schema(schema: CohortSchema, source: str | Path) -> None:
+    """Refuse, with the way out, to generate the demo cohort for a schema of other columns."""
+    if _layout(schema) != _layout(load_schema(DEFAULT_SCHEMA_PATH)):
+        # The generator writes the demo's own columns and daily rhythms; any other schema needs
+        # real (or its own synthetic) hospital folders, which every other step reads alike.
+        raise ConfigError(
+            f"the embedded demo cohort has the columns of {DEFAULT_SCHEMA_PATH.name}, and the schema "
+            f"{source} declares others: give your hospitals' folders instead (mindfed simulate "
+            "--cohort FOLDER, one data-contract sub-folder per hospital)"
+        )
 
 
 def check_against_schema(cohort: DemoCohort, schema: CohortSchema) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from configs.settings import RunSettings
-from simulation.cohort import DemoCohort, check_against_schema, generate_demo_cohort
+from simulation.cohort import DemoCohort, check_against_schema, generate_demo_cohort, require_demo_schema
 
 
 def hospital_sizes(n_hospitals: int) -> np.ndarray:
@@ -16,7 +16,7 @@ def hospital_sizes(n_hospitals: int) -> np.ndarray:
 
 
 def _strata(static: pd.DataFrame) -> pd.Series:
-    """Case mix x demographics: risk level, age band and gender."""
+    """Case mix x demographics of the demo cohort (its own columns): risk level, age band and gender."""
     age_band = pd.cut(static["age"], bins=[0, 30, 50, 65, 200], labels=False)
     return static["risk_level"].astype(str) + "|" + age_band.astype(str) + "|" + static["gender"]
 
@@ -61,7 +61,8 @@ def partition_cohort(
 def demo_partitions(settings: RunSettings, n_hospitals: int) -> tuple[DemoCohort, list[DemoCohort]]:
     """The seeded demo cohort of a run's settings, and its split into `n_hospitals` hospitals."""
     fed, schema = settings.federation, settings.load_schema()
-    assert schema.sequence is not None, "the demo cohort has daily rhythms: the schema must declare them"
+    require_demo_schema(schema, settings.schema_path)
+    assert schema.sequence is not None  # the demo's layout has its daily rhythms
     cohort = generate_demo_cohort(fed.patients, seed=fed.seed, days=schema.sequence.length)
     check_against_schema(cohort, schema)
     parts = partition_cohort(

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEMO_CHECK_SKIPPED = (
+    "the cohort is the hospitals' own folders: only the generated demo cohort gives a whole real "
+    "population and fresh patients to score the release against"
+)
 
 
 @dataclass(frozen=True)
@@ -111,19 +115,21 @@ def _sequence_check(
 ) -> dict[str, float]:
     """TimeGAN fidelity metrics of the released weeks against the whole demo cohort."""
     from models.sequence.encoder import SequenceEncoder
-    from models.sequence_metrics import evaluate_sequences
+    from models.sequence_metrics import evaluate_sequences, link_pairs
 
     schema = settings.load_schema()
     encoder = SequenceEncoder.from_schema(schema)
     real = encoder.transform(demo.timeseries, demo.static[schema.id_column])
     fake = encoder.transform(weeks, synthetic[schema.id_column])
+    pairs = link_pairs(schema)
     return evaluate_sequences(
         real,
         fake,
         channels=encoder.channels,
         seed=settings.federation.seed,
-        real_static=demo.static,
-        syn_static=synthetic,
+        real_static=demo.static if pairs else None,  # a schema without numeric columns has no links
+        syn_static=synthetic if pairs else None,
+        pairs=pairs,
     )
 
 
@@ -203,7 +209,11 @@ def simulate(
         )
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
     score = None
-    if demo is not None:
+    if demo is None:
+        # Hospitals' own folders (any schema): no whole population or fresh patients to score against.
+        metrics["demo_check"] = {"skipped": DEMO_CHECK_SKIPPED}
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2, default=str))
+    else:
         # Only the simulation holds the whole cohort: this real-data score is a demo check,
         # never something a deployed server could compute.
         release_dir = out_dir / metrics.get("release", {}).get("folder", "")

@@ -25,7 +25,7 @@ class SequenceEncoder:
     nothing about anyone's rows.
     """
 
-    def __init__(self, spec: SequenceSpec, *, id_column: str = "patient_id"):
+    def __init__(self, spec: SequenceSpec, *, id_column: str):
         self.spec = spec
         self.id_column = id_column
         self.day_column = spec.day_column

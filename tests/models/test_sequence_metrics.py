@@ -12,15 +12,16 @@ import torch
 from configs.schema import load_schema
 from models.sequence.encoder import SequenceEncoder
 from models.sequence_metrics import (
-    DEFAULT_LINK_PAIRS,
     autocorrelation_difference,
     channel_ks_complement,
     discriminative_score,
     evaluate_sequences,
     link_fidelity,
+    link_pairs,
     predictive_score,
 )
-from simulation.cohort import generate_demo_cohort
+from simulation.cohort import DEMO_LINK_PAIRS, generate_demo_cohort
+from tests.support.other_cohort import other_schema
 
 N = 600
 Cohort = tuple[pd.DataFrame, np.ndarray]
@@ -71,6 +72,7 @@ def report(encoder: SequenceEncoder, real: Cohort, other_real: Cohort) -> dict[s
         seed=0,
         real_static=real[0],
         syn_static=other_real[0],
+        pairs=DEMO_LINK_PAIRS,
     )
 
 
@@ -179,8 +181,8 @@ def test_autocorrelation_rejects_lags_beyond_the_week(real: Cohort) -> None:
 def test_links_agree_between_independent_real_samples(
     encoder: SequenceEncoder, real: Cohort, other_real: Cohort
 ) -> None:
-    result = link_fidelity(*real, *other_real, pairs=DEFAULT_LINK_PAIRS, channels=encoder.channels)
-    assert list(result["links"]) == [f"{c}~{ch}" for c, ch in DEFAULT_LINK_PAIRS]
+    result = link_fidelity(*real, *other_real, pairs=DEMO_LINK_PAIRS, channels=encoder.channels)
+    assert list(result["links"]) == [f"{c}~{ch}" for c, ch in DEMO_LINK_PAIRS]
     assert result["max_diff"] < 0.15
     # The demo cohort builds these links in: more depression, less sleep.
     assert result["links"]["dass_depression~sleep_hours"]["real"] < -0.4
@@ -191,7 +193,7 @@ def test_links_break_when_weeks_are_shuffled_across_patients(
 ) -> None:
     static, weeks = other_real
     shuffled = weeks[np.random.default_rng(2).permutation(len(weeks))]
-    result = link_fidelity(*real, static, shuffled, pairs=DEFAULT_LINK_PAIRS, channels=encoder.channels)
+    result = link_fidelity(*real, static, shuffled, pairs=DEMO_LINK_PAIRS, channels=encoder.channels)
     link = result["links"]["dass_depression~sleep_hours"]
     assert abs(link["synthetic"]) < 0.15
     assert link["diff"] > 0.4
@@ -202,7 +204,7 @@ def test_link_fidelity_checks_its_inputs(encoder: SequenceEncoder, real: Cohort)
     static, weeks = real
     with pytest.raises(ValueError, match="static rows"):
         link_fidelity(
-            static, weeks, static.iloc[:10], weeks, pairs=DEFAULT_LINK_PAIRS, channels=encoder.channels
+            static, weeks, static.iloc[:10], weeks, pairs=DEMO_LINK_PAIRS, channels=encoder.channels
         )
     with pytest.raises(ValueError, match="unknown channel"):
         link_fidelity(static, weeks, static, weeks, pairs=[("age", "mood")], channels=encoder.channels)
@@ -218,7 +220,7 @@ def test_evaluate_sequences_returns_flat_finite_floats(
     for channel in encoder.channels:
         assert f"ks/{channel}" in report
         assert f"autocorr/{channel}/lag1/diff" in report
-    for column, channel in DEFAULT_LINK_PAIRS:
+    for column, channel in DEMO_LINK_PAIRS:
         for side in ("real", "synthetic", "diff"):
             assert f"link/{column}~{channel}/{side}" in report
     for key in ("ks-mean", "discriminative", "predictive-mae", "autocorr-diff", "link-max-diff"):
@@ -250,6 +252,7 @@ def test_evaluate_sequences_is_deterministic_for_a_seed(
             seed=seed,
             real_static=real[0][:200],
             syn_static=other_real[0][:200],
+            pairs=DEMO_LINK_PAIRS,
             discriminative_epochs=5,
             predictive_epochs=5,
         )
@@ -268,6 +271,27 @@ def test_evaluate_sequences_without_static_tables_skips_links(
     assert report["discriminative"] > 0.3
     with pytest.raises(ValueError, match="both static tables"):
         evaluate_sequences(real[1], noise, channels=encoder.channels, seed=0, real_static=real[0])
+    # no pairs named after one cohort by default: static tables come with the pairs to score
+    with pytest.raises(ValueError, match=r"link_pairs\(schema\)"):
+        evaluate_sequences(
+            real[1], noise, channels=encoder.channels, seed=0, real_static=real[0], syn_static=real[0]
+        )
+
+
+def test_link_pairs_are_every_numeric_column_with_every_channel_of_the_schema() -> None:
+    demo = load_schema()
+    assert demo.sequence is not None
+    pairs = link_pairs(demo)
+    numeric = ["age", "bmi", "dass_depression", "dass_anxiety", "dass_stress"]
+    assert pairs == tuple((c, ch.name) for c in numeric for ch in demo.sequence.channels)
+    assert set(DEMO_LINK_PAIRS) <= set(pairs)  # the links the demo builds in are among them
+    other = other_schema()
+    assert link_pairs(other) == tuple(
+        (c, ch)
+        for c in ("insomnia_index", "ferritin", "neck_cm")
+        for ch in ("sleep_efficiency", "awakenings", "spo2_nadir")
+    )
+    assert link_pairs(other_schema(with_sequence=False)) == ()
 
 
 def test_constant_channels_still_give_finite_values(encoder: SequenceEncoder, real: Cohort) -> None:
@@ -281,6 +305,7 @@ def test_constant_channels_still_give_finite_values(encoder: SequenceEncoder, re
         seed=0,
         real_static=static[:200],
         syn_static=static[:200],
+        pairs=DEMO_LINK_PAIRS,
         discriminative_epochs=5,
         predictive_epochs=5,
     )

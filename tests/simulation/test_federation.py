@@ -13,6 +13,7 @@ from configs.schema import load_schema
 from configs.settings import load_settings
 from mindfed.cli import app
 from models.bundle import load_linked_bundle, sample_linked
+from models.sequence_metrics import link_pairs
 from server.checkpoint import CheckpointError
 from server.resume import Checkpointer
 from simulation.runner import prepare_demo_cohort, simulate
@@ -60,6 +61,9 @@ def test_run_exports_bundle_synthetic_table_and_metrics(tiny_run) -> None:
     assert [(r["stage"], r["round"]) for r in metrics["rounds"]][:2] == [("dp-ctgan", 1), ("dp-ctgan", 2)]
     assert all(r["aggregated"] and not r["rejected"] for r in metrics["rounds"])
     assert 0.0 <= metrics["demo_check"]["column_shape_vs_real"] <= 1.0
+    # the weeks' links are scored on every pair the schema gives, not on a list of demo names
+    links = {key.rsplit("/", 1)[0] for key in metrics["demo_check"]["sequence"] if key.startswith("link/")}
+    assert links == {f"link/{column}~{channel}" for column, channel in link_pairs(schema)}
 
 
 def test_every_hospital_epsilon_is_the_accountants_and_within_budget(tiny_run) -> None:
