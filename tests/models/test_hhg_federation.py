@@ -27,6 +27,7 @@ TINY_HHG = {
         {"model": "pgm", "epsilon_share": 0.6},
         {"model": "hhg", "phases": PHASES, "epsilon_share": 0.15},
     ],
+    "model.pgm.iterations": 200,  # mirror descent on a tiny cohort: the default 1500 only cost time
     "model.hhg.hidden_dim": 16,
     "model.hhg.latent_dim": 4,
     "model.hhg.diffusion_steps": 8,

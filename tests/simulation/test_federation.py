@@ -17,7 +17,7 @@ from models.sequence_metrics import link_pairs
 from server.checkpoint import CheckpointError
 from server.resume import Checkpointer
 from simulation.runner import prepare_demo_cohort, simulate
-from tests.support.runs import NO_SEQUENCE, TINY, recording_grid
+from tests.support.runs import NO_RISK, NO_SEQUENCE, TINY, recording_grid
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,8 @@ def test_generate_from_exported_bundle(tiny_run, tmp_path: Path) -> None:
 
 
 def test_hospital_with_invalid_data_is_refused_and_run_goes_on(tmp_path: Path) -> None:
-    overrides = {**TINY, "federation.hospitals": 3, "stages.0.rounds": 1, **NO_SEQUENCE}
+    # no risk model: the refusal happens at the handshake, what follows only needs the generator
+    overrides = {**TINY, "federation.hospitals": 3, "stages.0.rounds": 1, **NO_SEQUENCE, **NO_RISK}
     cohort_dir = tmp_path / "cohort"
     prepare_demo_cohort(load_settings(None, overrides), cohort_dir)
     broken = cohort_dir / "hospital-2" / "static.csv"
