@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,27 @@ class _Scoring:
         return decision.scores.overall if decision.scores else float("nan")
 
 
+class _RoundClock:
+    """Each round's wall time at the server and the server's own step (aggregation and scoring)."""
+
+    def __init__(self) -> None:
+        self.round_started = time.perf_counter()
+        self.server_seconds = 0.0
+
+    @contextlib.contextmanager
+    def server_step(self) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.server_seconds = time.perf_counter() - started
+
+    def round_done(self, logs: list[RoundLog], server_round: int) -> None:
+        """Stamp the round's log (the last one, if it is this round's) and start the next round."""
+        now = time.perf_counter()
+        if logs and logs[-1].server_round == server_round:
+            logs[-1].seconds, logs[-1].server_seconds = now - self.round_started, self.server_seconds
+        self.round_started = now
+
+
 def run_stage(
     grid: Grid,
     stage: Stage,
@@ -110,14 +132,13 @@ def run_stage(
     if stage.controller is not None:
         train_config["lr-multiplier"] = float(stage.controller.training_overrides()["lr_multiplier"])
 
-    clock = {"round_started": time.perf_counter(), "scored_in": 0.0}
+    clock = _RoundClock()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
-        started = time.perf_counter()
-        score = scoring.score(server_round, arrays, strategy, train_config)
-        clock["scored_in"] = time.perf_counter() - started
+        with clock.server_step():
+            score = scoring.score(server_round, arrays, strategy, train_config)
         scoring.scores[server_round] = score
         logger.info("%s round %d: quality score %.4f", stage.label, server_round, score)
         progress.update(task, advance=1, description=f"{stage.label} round {server_round}: {score:.3f}")
@@ -126,11 +147,7 @@ def run_stage(
     def round_done(server_round: int, next_arrays: ArrayRecord) -> None:
         for log in strategy.rounds:
             log.stage = stage.label
-        now = time.perf_counter()
-        if strategy.rounds and strategy.rounds[-1].server_round == server_round:
-            strategy.rounds[-1].seconds = now - clock["round_started"]
-            strategy.rounds[-1].server_seconds = clock["scored_in"]
-        clock["round_started"] = now
+        clock.round_done(strategy.rounds, server_round)
         if after_round is not None:
             best = scoring.best if stage.controller is not None else None
             after_round(stage, server_round, next_arrays, best, strategy.rounds, scoring.scores)

@@ -158,6 +158,30 @@ def _utility_check(
     }
 
 
+def _demo_check(
+    demo: DemoCohort, metrics: dict[str, Any], settings: Any, out_dir: Path, cohort_dir: Path
+) -> dict[str, Any]:
+    """The release scored against the whole demo cohort and fresh demo patients. Only the
+    simulation holds them: never something a deployed server could compute."""
+    from simulation.cohort import generate_demo_cohort
+    from simulation.evaluation import TEST_PATIENTS
+
+    release_dir = out_dir / metrics.get("release", {}).get("folder", "")
+    synthetic = pd.read_csv(release_dir / "synthetic" / "static.csv")
+    per_column = column_shape_vs_real(synthetic, demo.static, settings.load_schema())
+    test = generate_demo_cohort(TEST_PATIENTS, seed=_test_seed(settings))
+    check = {
+        "column_shape_vs_real": mean_score(per_column),
+        "per_column": per_column,
+        **_utility_check(demo, test, synthetic, settings),
+        "risk": risk_check(demo, test, release_dir, metrics, settings.federation.seed, cohort_dir=cohort_dir),
+    }
+    weeks_path = release_dir / "synthetic" / "timeseries.csv"
+    if weeks_path.is_file():
+        check["sequence"] = _sequence_check(demo, synthetic, pd.read_csv(weeks_path), settings)
+    return check
+
+
 def simulate(
     *,
     config: Path | None,
@@ -212,30 +236,8 @@ def simulate(
     if demo is None:
         # Hospitals' own folders (any schema): no whole population or fresh patients to score against.
         metrics["demo_check"] = {"skipped": DEMO_CHECK_SKIPPED}
-        atomic_write_text(metrics_path, json.dumps(metrics, indent=2, default=str))
     else:
-        # Only the simulation holds the whole cohort: this real-data score is a demo check,
-        # never something a deployed server could compute.
-        release_dir = out_dir / metrics.get("release", {}).get("folder", "")
-        synthetic = pd.read_csv(release_dir / "synthetic" / "static.csv")
-        per_column = column_shape_vs_real(synthetic, demo.static, settings.load_schema())
-        score = mean_score(per_column)
-        from simulation.cohort import generate_demo_cohort
-        from simulation.evaluation import TEST_PATIENTS
-
-        test = generate_demo_cohort(TEST_PATIENTS, seed=_test_seed(settings))
-        metrics["demo_check"] = {
-            "column_shape_vs_real": score,
-            "per_column": per_column,
-            **_utility_check(demo, test, synthetic, settings),
-            "risk": risk_check(
-                demo, test, release_dir, metrics, settings.federation.seed, cohort_dir=cohort_dir
-            ),
-        }
-        weeks_path = release_dir / "synthetic" / "timeseries.csv"
-        if weeks_path.is_file():
-            metrics["demo_check"]["sequence"] = _sequence_check(
-                demo, synthetic, pd.read_csv(weeks_path), settings
-            )
-        atomic_write_text(metrics_path, json.dumps(metrics, indent=2, default=str))
+        metrics["demo_check"] = _demo_check(demo, metrics, settings, out_dir, cohort_dir)
+        score = metrics["demo_check"]["column_shape_vs_real"]
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2, default=str))
     return SimulationOutcome(out_dir, metrics, score)
