@@ -22,7 +22,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -116,21 +116,26 @@ def _layer_dtypes() -> Iterator[Counter[str]]:
         handle.remove()
 
 
-def _round(job: Job, device: torch.device, data: LocalData) -> tuple[float, int]:
-    """(seconds, DP-SGD steps) of one local round from the job's first weights, a fresh ledger."""
+def timed_round(
+    job: Job, device: torch.device, data: LocalData, *, private: bool = True
+) -> tuple[float, int, Any]:
+    """(seconds, steps, trained model) of one local round from the job's first weights, a fresh
+    ledger; DP-SGD unless `private` is False (the same round without Opacus, for a reference)."""
     model = get_model_class(job.name)(job.encoder, job.params, seed=0)
     model.load_state_dict(job.state)
     ledger = PrivacyLedger(max_epsilon=1e6, delta=1e-5)  # fresh per round: the budget never refuses
     plan: LocalRound = dp_round_plans(
         job.name, device=device, ledger=ledger, batch_size=job.batch_size, seed=0
     )[job.phase_index]
+    if not private:
+        plan = replace(plan, dp=None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     report = model.fit_round(data, plan)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, report.steps
+    return time.perf_counter() - start, report.steps, model
 
 
 def measure(job: Job, setting: str, repeats: int) -> Timing:
@@ -139,12 +144,12 @@ def measure(job: Job, setting: str, repeats: int) -> Timing:
     try:
         with _precision(setting):
             with _layer_dtypes() as counts:
-                _round(job, device, job.warm_up)
+                timed_round(job, device, job.warm_up)
             seconds, peaks, steps = [], [], 0
             for _ in range(repeats):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                took, steps = _round(job, device, job.data)
+                took, steps, _ = timed_round(job, device, job.data)
                 seconds.append(took)
                 if device.type == "cuda":
                     peaks.append(torch.cuda.max_memory_allocated() / 2**20)
@@ -234,18 +239,30 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _jobs(args: argparse.Namespace, encoder: TabularEncoder, data: LocalData) -> Iterator[Job]:
+    params = {n: tiny_params(n) if args.quick else args.model_params[n] for n in args.model_params}
+    models = args.models.split(",") if args.models else None
+    yield from round_jobs(encoder, data, params=params, batch_size=args.batch_size, models=models)
+
+
+def round_jobs(
+    encoder: TabularEncoder,
+    data: LocalData,
+    *,
+    params: dict[str, dict[str, Any]],
+    batch_size: int,
+    models: list[str] | None = None,
+) -> Iterator[Job]:
+    """One job per phase of every round model (or of `models`), each from the same first weights."""
     names = [n for n in registered_models() if not why_not_a_round_model(n)]
-    if args.models:
-        wanted = set(args.models.split(","))
-        if unknown := wanted - set(names):
+    if models:
+        if unknown := set(models) - set(names):
             raise SystemExit(f"not round models: {sorted(unknown)}; choose from {names}")
-        names = [n for n in names if n in wanted]
-    warm_up = _first_rows(data, WARM_UP_BATCHES * args.batch_size)
+        names = [n for n in names if n in models]
+    warm_up = _first_rows(data, WARM_UP_BATCHES * batch_size)
     for name in names:
-        params = tiny_params(name) if args.quick else args.model_params[name]
-        state = get_model_class(name)(encoder, params, seed=0).state_dict()
+        state = get_model_class(name)(encoder, params[name], seed=0).state_dict()
         for index in range(len(get_model_class(name).phases) or 1):
-            yield Job(name, index, params, encoder, state, data, warm_up, args.batch_size)
+            yield Job(name, index, params[name], encoder, state, data, warm_up, batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,12 +72,18 @@ def make_private(
     noise_multiplier: float,
     clipping_norm: float,
     ledger: PrivacyLedger,
+    grad_sample_mode: str = "hooks",
 ) -> PrivateTraining:
     """Wrap for DP-SGD with Poisson sampling; every optimizer step is counted on `ledger`.
 
     Losses must be summed over the batch (loss_reduction="sum"); Opacus then clips each
     record's gradient to `clipping_norm` (L2) and adds N(0, (sigma * clipping_norm)^2) noise.
+    `grad_sample_mode` is Opacus's way of computing per-record gradients ("hooks", "functorch",
+    "ew"; all exact); `benchmarks/dp_step.py` times them. Ghost clipping ("ghost") needs a
+    per-record loss criterion that the models' own training loops do not take, so it is refused.
     """
+    if "ghost" in grad_sample_mode:
+        raise ValueError("ghost clipping needs Opacus's criterion wrapper; the models sum their own losses")
     with warnings.catch_warnings():
         # secure_mode off: simulation seeds its noise on purpose (see client.node.NodeSettings).
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -94,6 +100,7 @@ def make_private(
             max_grad_norm=clipping_norm,
             poisson_sampling=True,
             loss_reduction="sum",
+            grad_sample_mode=grad_sample_mode,
         )
     return PrivateTraining(
         module=private_module,
