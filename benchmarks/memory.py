@@ -13,12 +13,11 @@ of the imports cannot hide it, as it would in ru_maxrss). A Ray actor also holds
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.procmem import max_rss_mib, peak_rss_mib, reset_peak, rss_mib
+from benchmarks.procmem import max_rss_mib, peak_rss_mib, reset_peak, rss_mib, run_child
 from benchmarks.results import Row
 
 SECTION = "5 hospital memory"
@@ -62,21 +61,12 @@ def measure(quick: bool, models: list[str], advance: Callable[[str], None]) -> l
     patients = 256 if quick else run.federation.patients // run.federation.hospitals
     rows = []
     for name in models:
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.memory", name, str(patients), str(int(quick))],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines:
-            error = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
-            rows.append(Row(SECTION, name, None, None, "MiB", "idle", note=f"failed: {error}"))
+        try:
+            got = run_child("benchmarks.memory", name, str(patients), str(int(quick)), cwd=REPO)
+        except RuntimeError as err:
+            rows.append(Row(SECTION, name, None, None, "MiB", "idle", note=f"failed: {err}"))
             advance(name)
             continue
-        got = json.loads(lines[-1])
         rows.append(
             Row(
                 section=SECTION,

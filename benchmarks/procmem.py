@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 MIB = 2**20
 
@@ -106,3 +111,20 @@ def reset_peak() -> None:
 def peak_rss_mib() -> float:
     """This process's peak resident set since the last `reset_peak` (VmHWM)."""
     return _status_mib("VmHWM")
+
+
+def run_child(module: str, *args: str, cwd: Path) -> dict[str, Any]:
+    """`python -m module args` in a fresh process (its memory and imports its own); the JSON on its
+    last stdout line, or RuntimeError with the last line it wrote to stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError((done.stderr.strip().splitlines() or ["no output"])[-1][:160])
+    return dict(json.loads(lines[-1]))

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.procmem import run_child
 from benchmarks.results import Row
 
 SECTION = "4 sampling"
@@ -96,18 +97,7 @@ def _child(bundle: Path, n: int) -> dict[str, Any]:
 
 
 def _run_child(bundle: Path, n: int) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sampling", str(bundle), str(n)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise RuntimeError((done.stderr.strip().splitlines() or ["no output"])[-1][:160])
-    return dict(json.loads(lines[-1]))
+    return run_child("benchmarks.sampling", str(bundle), str(n), cwd=REPO)
 
 
 def _fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
