@@ -2,7 +2,7 @@
 measured side by side in the same run, into benchmarks/results.json and benchmarks/results.md.
 
 Sections (--only): dp-step (item 1), flower (2), scaling (3), sampling (4), memory (5). The full
-run takes about 20 minutes on 2 cores (the 100-hospital federation dominates); --quick shrinks
+run takes about 15 minutes on 2 cores (the federations dominate); --quick shrinks
 every size for a smoke run of a few minutes and writes results-quick.{json,md} instead (--only:
 results-partial.{json,md}).
 """
